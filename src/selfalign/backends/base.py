@@ -1,0 +1,127 @@
+"""The generation contract every backend honours.
+
+`generate(prompts, params)` returns one `Completion` per prompt, in input order. `iter_batches`
+yields lists of `(index, Completion)` as batches finish, so a caller can append them to disk and
+resume after a crash. Sampling parameters use OpenAI/vLLM names, plus SELF-ALIGN's n-gram
+frequency penalties. A backend that cannot honour a parameter raises `UserError`; it never
+ignores one silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from selfalign.errors import UserError
+
+
+class SamplingParams(BaseModel):
+    """How to sample one completion per prompt (names follow OpenAI/vLLM)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, description="New tokens at most per completion.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; the completion is cut before the first one.")
+    seed: int | None = Field(None, description="Makes sampling reproducible; each row gets its own stream.")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description="Token id -> bias added to its logit before sampling.")
+    ngram_penalties: dict[int, float] = Field(
+        default_factory=dict,
+        description="n (1..4) -> weight a_n: each candidate token is penalised a_n times the count of the "
+        "n-gram (last n-1 generated tokens, candidate) already in this completion.",
+    )
+    truncate_prompt: Literal["error", "left"] = Field(
+        "error",
+        description="A prompt that does not fit the context with max_tokens: 'error' names it; "
+        "'left' drops tokens from its START, keeping the question at its end.",
+    )
+
+    @field_validator("ngram_penalties")
+    @classmethod
+    def _orders(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = [n for n in v if not 1 <= n <= 4]
+        if bad:
+            raise ValueError(f"n-gram penalty orders must be 1..4, got {bad}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("a stop string cannot be empty")
+        return v
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def row_seed(seed: int, key: str | int) -> int:
+    """A 63-bit seed for one record, stable across runs, batchings, shards and machines."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class PromptTooLong(UserError):
+    def __init__(self, index: int, prompt_tokens: int, max_tokens: int, context: int):
+        self.index = index
+        super().__init__(
+            f"prompt #{index} has {prompt_tokens} tokens; with max_tokens={max_tokens} it needs "
+            f"{prompt_tokens + max_tokens} > the model's context of {context}. Shorten it, lower "
+            "max_tokens, or opt into truncate_prompt='left' (keeps the end of the prompt)"
+        )
+
+
+class Backend:
+    """Base class: subclasses implement `iter_batches`."""
+
+    def iter_batches(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
+    ) -> Iterator[list[tuple[int, Completion]]]:
+        """Yield one list of `(index, completion)` per finished batch; every index once.
+
+        `seeds` gives each row its own random stream (default: derived from `params.seed` and the
+        row's index), so sampled text does not depend on how rows are batched.
+        """
+        raise NotImplementedError
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """One completion per prompt, in input order."""
+        out: list[Completion | None] = [None] * len(prompts)
+        for batch in self.iter_batches(prompts, params, seeds):
+            for index, completion in batch:
+                out[index] = completion
+        missing = [i for i, c in enumerate(out) if c is None]
+        if missing:
+            raise RuntimeError(f"backend returned no completion for prompts {missing[:5]}")
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Release the model (GPU memory); the default has nothing to release."""
+
+
+def resolve_seeds(n: int, params: SamplingParams, seeds: Sequence[int] | None) -> list[int]:
+    if seeds is not None:
+        if len(seeds) != n:
+            raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+        return list(seeds)
+    base = params.seed if params.seed is not None else random.getrandbits(63)
+    return [row_seed(base, i) for i in range(n)]

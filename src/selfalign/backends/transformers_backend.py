@@ -1,0 +1,307 @@
+"""In-process generation with `transformers`: the embedded default, CPU or GPU.
+
+A small decoding loop over the model's forward pass, because SELF-ALIGN needs controls that
+`model.generate` does not give together: the paper's n-gram frequency penalties, per-row seeded
+sampling (a row's text does not depend on its batch), stop strings checked in the step that
+completes them, and a shared prompt prefix computed once per job.
+
+How a job runs:
+1. Tokenize every prompt; a prompt that does not fit `context - max_tokens` is an error naming it
+   (or, if the user opted in, loses tokens from its start, never its end).
+2. The longest common token prefix of the job (the stage's meta prompt or constitution) is
+   prefilled once, with batch size 1, and kept for later jobs that share it.
+3. Rows are sorted by length and batched; each batch holds `prefix | left padding | suffix`, the
+   padding masked out and the position ids counted over real tokens only, so every row sees
+   exactly the tokens it would see alone.
+4. Decoding drops rows as they finish. Results are yielded per batch with their input index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from selfalign.backends.base import (
+    Backend,
+    Completion,
+    PromptTooLong,
+    SamplingParams,
+    resolve_seeds,
+)
+from selfalign.errors import UserError
+from selfalign.modeling import context_length, load_model
+
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate prefill
+
+
+def ngram_penalty(generated: torch.Tensor, penalties: dict[int, float], vocab_size: int) -> torch.Tensor:
+    """Penalty per (row, candidate token) for SELF-ALIGN's n-gram frequency penalties.
+
+    For order n with weight a_n, candidate t costs a_n times the number of times the n-gram
+    (last n-1 generated tokens, t) already occurs in the row's generated tokens; orders add up.
+    `generated` is [rows, steps] (generated tokens only, the first one included).
+    """
+    rows, steps = generated.shape
+    total = torch.zeros(rows, vocab_size, dtype=torch.float32, device=generated.device)
+    for n, weight in penalties.items():
+        if weight == 0 or steps < n:
+            continue
+        windows = generated.unfold(1, n, 1)  # [rows, steps-n+1, n]: every n-gram seen so far
+        if n == 1:
+            hits = torch.ones(windows.shape[:2], dtype=torch.float32, device=generated.device)
+        else:
+            context = generated[:, steps - n + 1 :]  # the last n-1 tokens
+            hits = (windows[:, :, :-1] == context[:, None, :]).all(-1).float()
+        total.scatter_add_(1, windows[:, :, -1], hits * weight)
+    return total
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every token outside the smallest set whose probability reaches `top_p`."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    outside = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
+    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def choose_tokens(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+) -> torch.Tensor:
+    """Greedy at temperature 0; otherwise temperature + top-p, one random stream per row."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = top_p_filter(logits / params.temperature, params.top_p)
+    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p, and lets each row use
+    # its own generator while the rest stays vectorised.
+    noise = torch.stack(
+        [torch.empty(logits.shape[-1]).exponential_(generator=g) for g in generators]
+    ).to(logits.device)
+    return (logits.softmax(-1) / noise).argmax(-1)
+
+
+class TransformersBackend(Backend):
+    def __init__(self, model, tokenizer, batch_size: int = 8, share_prefix: bool = True):
+        """Wrap a model already in memory; `TransformersBackend.load` loads one by name."""
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        self.share_prefix = share_prefix
+        self.context = context_length(model)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.eos_ids = self._eos_ids()
+        self._prefix: tuple[tuple[int, ...], object] | None = None  # (token ids, KV cache)
+        self.last_shared_prefix = 0  # for logs and tests: tokens shared by the last job
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+        share_prefix: bool = True,
+    ) -> TransformersBackend:
+        loaded, tokenizer, _ = load_model(model, device, dtype, trust_remote_code)
+        return cls(loaded, tokenizer, batch_size, share_prefix)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        config = getattr(self.model, "generation_config", None)
+        for source in (getattr(config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    # -- the job ---------------------------------------------------------------------------------
+
+    def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:
+        """Token ids per prompt, checked (or left-truncated) against the context length."""
+        limit = self.context - params.max_tokens
+        encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        for i, ids in enumerate(encoded):
+            if len(ids) <= limit:
+                continue
+            if params.truncate_prompt == "error" or limit < 2:
+                raise PromptTooLong(i, len(ids), params.max_tokens, self.context)
+            bos = ids[:1] if ids[0] == self.tokenizer.bos_token_id else []
+            encoded[i] = bos + ids[len(ids) - (limit - len(bos)) :]
+        return encoded
+
+    def iter_batches(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
+    ) -> Iterator[list[tuple[int, Completion]]]:
+        if not prompts:
+            return
+        bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UserError(f"logit_bias: token ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
+        row_seeds = resolve_seeds(len(prompts), params, seeds)
+        encoded = self.encode(prompts, params)
+        shared = self._shared_length(encoded)
+        prefix_cache = self._prefix_cache(tuple(encoded[0][:shared])) if shared else None
+        self.last_shared_prefix = shared
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            completions = self._generate_batch(
+                [encoded[i][shared:] for i in rows],
+                [len(encoded[i]) for i in rows],
+                prefix_cache,
+                shared,
+                params,
+                [row_seeds[i] for i in rows],
+            )
+            yield list(zip(rows, completions, strict=True))
+
+    def _shared_length(self, encoded: list[list[int]]) -> int:
+        if not self.share_prefix or len(encoded) < 2:
+            return 0
+        first = encoded[0]
+        # at least one token of each row stays out of the prefix: its logits start decoding
+        length = min(len(ids) for ids in encoded) - 1
+        for ids in encoded[1:]:
+            k = 0
+            while k < length and ids[k] == first[k]:
+                k += 1
+            length = k
+        return length if length >= MIN_SHARED_PREFIX else 0
+
+    @torch.no_grad()
+    def _prefix_cache(self, prefix: tuple[int, ...]):
+        from transformers import DynamicCache
+
+        if self._prefix is None or self._prefix[0] != prefix:
+            self._prefix = None  # free the old one before computing the next
+            cache = DynamicCache(config=self.model.config)
+            ids = torch.tensor([prefix], device=self.device)
+            self.model(input_ids=ids, cache=cache, use_cache=True)
+            self._prefix = (prefix, cache)
+        return self._prefix[1]
+
+    def _expanded_cache(self, prefix_cache, rows: int):
+        from transformers import DynamicCache
+
+        if prefix_cache is None:
+            return DynamicCache(config=self.model.config)
+        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in prefix_cache]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+    # -- one batch ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _generate_batch(
+        self,
+        suffixes: list[list[int]],
+        prompt_lengths: list[int],
+        prefix_cache,
+        shared: int,
+        params: SamplingParams,
+        seeds: list[int],
+    ) -> list[Completion]:
+        rows, width = len(suffixes), max(len(s) for s in suffixes)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((rows, width), pad, dtype=torch.long)
+        mask = torch.zeros((rows, shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for r, ids in enumerate(suffixes):
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            mask[r, shared + width - len(ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, positions = (t.to(self.device) for t in (input_ids, mask, positions))
+        cache = self._expanded_cache(prefix_cache, rows)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions[:, shared:],
+            cache=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1, :].float()
+        next_position = positions[:, -1] + 1
+
+        bias = None
+        if params.logit_bias:
+            bias = torch.zeros(logits.shape[-1], device=self.device)
+            for token, value in params.logit_bias.items():
+                bias[token] = value
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        live = list(range(rows))  # batch position -> row
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        results: list[Completion | None] = [None] * rows
+        history = torch.empty((rows, 0), dtype=torch.long, device=self.device)
+        stop_width = max((len(s) for s in params.stop), default=0)
+        scanned = [0] * rows  # characters of decoded text already searched for stops
+
+        for step in range(params.max_tokens):
+            if bias is not None:
+                logits = logits + bias
+            if params.ngram_penalties and history.shape[1]:
+                logits = logits - ngram_penalty(history, params.ngram_penalties, logits.shape[-1])
+            chosen = choose_tokens(logits, params, [generators[r] for r in live])
+            history = torch.cat([history, chosen[:, None]], dim=1)
+            keep = []
+            for b, token in enumerate(chosen.tolist()):
+                r = live[b]
+                tokens[r].append(token)
+                reason, text = None, None
+                if token in self.eos_ids:
+                    reason, text = "stop", self._decode(tokens[r][:-1])
+                elif params.stop:
+                    text = self._decode(tokens[r])
+                    cut = self._find_stop(text, params.stop, max(0, scanned[r] - stop_width))
+                    scanned[r] = len(text)
+                    if cut is not None:
+                        reason, text = "stop", text[:cut]
+                if reason is None and step + 1 == params.max_tokens:
+                    reason = "length"
+                if reason is None:
+                    keep.append(b)
+                    continue
+                if text is None:
+                    text = self._decode(tokens[r])
+                results[r] = Completion(text, reason, prompt_lengths[r], len(tokens[r]))
+            if not keep:
+                break
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, history = mask[index], history[index]
+                chosen, next_position = chosen[index], next_position[index]
+                live = [live[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            out = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=next_position[:, None],
+                cache=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :].float()
+            next_position = next_position + 1
+        return results  # type: ignore[return-value]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+        hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
+    def close(self) -> None:
+        self._prefix = None
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

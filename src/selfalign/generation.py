@@ -1,0 +1,79 @@
+"""Generate completions for records, appending to a JSONL file with resume: the shell every
+stage uses around a backend.
+
+Each input record needs an `id` and a `prompt`; the output record is the input plus
+`completion`, `finish_reason`, `prompt_tokens` and `completion_tokens`. Records whose id is
+already in the output file are skipped, so a killed job rerun continues where it stopped. Each
+row's random stream comes from `(seed, id)`, so the text does not depend on batching or resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from selfalign.backends import Backend, SamplingParams, row_seed
+from selfalign.backends.base import PromptTooLong
+from selfalign.errors import UserError
+from selfalign.jsonl import JsonlAppender
+from selfalign.progress import progress_bar
+
+
+def check_records(records: Sequence[dict[str, Any]], source: str, prompt_key: str = "prompt") -> None:
+    """Every record has a unique id and a string prompt; otherwise a UserError naming it."""
+    seen: set[Any] = set()
+    for n, record in enumerate(records, start=1):
+        key = record.get("id")
+        if key is None:
+            raise UserError(f"{source}: record {n} has no 'id'")
+        if key in seen:
+            raise UserError(f"{source}: record {n}: duplicate id {key!r}")
+        seen.add(key)
+        if not isinstance(record.get(prompt_key), str):
+            raise UserError(f"{source}: record {n} (id {key!r}) has no string '{prompt_key}'")
+
+
+def generate_records(
+    backend: Backend,
+    records: Sequence[dict[str, Any]],
+    params: SamplingParams,
+    output: str | Path,
+    seed: int = 0,
+    prompt_key: str = "prompt",
+    label: str = "generating",
+) -> list[dict[str, Any]]:
+    """Complete every record not yet in `output`; return all output records in input order."""
+    with JsonlAppender(output) as out:
+        todo = [r for r in records if r["id"] not in out.ids]
+        if todo:
+            _run(backend, todo, params, out, seed, prompt_key, label)
+        by_id = {r["id"]: r for r in out.records}
+    return [by_id[r["id"]] for r in records if r["id"] in by_id]
+
+
+def _run(backend, todo, params, out: JsonlAppender, seed, prompt_key, label) -> None:
+    prompts = [r[prompt_key] for r in todo]
+    seeds = [row_seed(seed, r["id"]) for r in todo]
+    started, tokens = time.perf_counter(), 0
+    with progress_bar(label, total=len(todo)) as bar:
+        try:
+            for batch in backend.iter_batches(prompts, params, seeds):
+                rows = []
+                for index, c in batch:
+                    rows.append(
+                        {
+                            **todo[index],
+                            "completion": c.text,
+                            "finish_reason": c.finish_reason,
+                            "prompt_tokens": c.prompt_tokens,
+                            "completion_tokens": c.completion_tokens,
+                        }
+                    )
+                    tokens += c.completion_tokens
+                out.write_batch(rows)
+                rate = tokens / max(time.perf_counter() - started, 1e-9)
+                bar.advance(len(rows), f"{rate:.0f} tok/s")
+        except PromptTooLong as e:
+            raise UserError(f"record {todo[e.index]['id']!r}: {e}") from None

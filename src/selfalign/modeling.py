@@ -1,0 +1,113 @@
+"""Loading models and tokenizers: one place, used by generation, training and chat.
+
+A model is a local directory or a hub id (never fetched when `HF_HUB_OFFLINE=1`). A directory
+holding a PEFT adapter (`adapter_config.json`) loads its base model with the adapter applied.
+Weights load from safetensors only, and `trust_remote_code` is off unless the user asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from selfalign.errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def _check_exists(name: str) -> None:
+    """Fail early, in one line, for a model that cannot be found."""
+    if Path(name).expanduser().exists():
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        raise UserError(f"model {name!r}: no such directory")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"model {name!r}: no such directory, and HF_HUB_OFFLINE=1 so the hub is not tried")
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model named by a PEFT adapter directory, or None if `path` is no adapter."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{config}: no base_model_name_or_path; cannot tell which model to load")
+    return base
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_exists(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {name!r}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM (or base + adapter) for inference; returns (model, tokenizer, device)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(name)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    base = adapter_base(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base or name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        if base:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {name!r}: cannot load it ({str(e).splitlines()[0]})") from None
+    has_tokenizer = (Path(name) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(name if has_tokenizer or not base else base, trust_remote_code)
+    model.to(device)
+    model.eval()
+    return model, tokenizer, device
+
+
+def context_length(model) -> int:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
