@@ -101,6 +101,16 @@ def generate(
     typer.echo(f"{output}: {count} records", err=True)
 
 
+def _register_stage_commands() -> None:
+    from selfalign.commands import instructions, self_align, training
+
+    for module in (instructions, self_align, training):
+        module.register(app)
+
+
+_register_stage_commands()
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
