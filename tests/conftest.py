@@ -25,4 +25,6 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_backend(tiny_model_dir):
     from selfalign.backends.transformers_backend import TransformersBackend
 
-    return TransformersBackend.load(str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8)
+    return TransformersBackend.load(
+        str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8
+    )

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -50,35 +50,39 @@ def parse_pairs(values: list[str], option: str, key_type=int) -> dict:
                 raise ValueError
             pairs[key_type(key.strip())] = float(value)
         except ValueError:
-            raise UserError(f"{option} {text!r}: expected KEY=NUMBER, e.g. {option} 13=-100") from None
+            raise UserError(
+                f"{option} {text!r}: expected KEY=NUMBER, e.g. {option} 13=-100"
+            ) from None
     return pairs
 
 
 @app.command()
 def generate(
-    model: Annotated[Optional[str], typer.Option(help="Model directory or hub id.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model directory or hub id.")] = None,
     input: Annotated[Path, typer.Option(help="JSONL with {'id', 'prompt', ...} per line.")] = ...,
     output: Annotated[Path, typer.Option(help="JSONL to append completions to (resumes).")] = ...,
-    config: Annotated[Optional[Path], typer.Option(help="YAML with 'model:' and 'sampling:' sections.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML with 'model:' and 'sampling:' sections.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     logit_bias: Annotated[
-        Optional[list[str]], typer.Option("--logit-bias", help="TOKEN_ID=BIAS (repeatable).")
+        list[str] | None, typer.Option("--logit-bias", help="TOKEN_ID=BIAS (repeatable).")
     ] = None,
     ngram_penalty: Annotated[
-        Optional[list[str]], typer.Option("--ngram-penalty", help="N=ALPHA, N in 1..4 (repeatable).")
+        list[str] | None, typer.Option("--ngram-penalty", help="N=ALPHA, N in 1..4 (repeatable).")
     ] = None,
     truncate_prompt: Annotated[
-        Optional[str], typer.Option("--truncate-prompt", help="error (default) or left.")
+        str | None, typer.Option("--truncate-prompt", help="error (default) or left.")
     ] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16, float16.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16.")] = None,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="dotted.key=value config override.")
+        list[str] | None, typer.Option("--set", help="dotted.key=value config override.")
     ] = None,
 ) -> None:
     """Complete every prompt of a JSONL file; rerun to resume."""

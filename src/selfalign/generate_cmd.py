@@ -26,7 +26,9 @@ class GenerateConfig(BaseModel):
 
     model: BackendConfig
     sampling: SamplingParams = Field(default_factory=SamplingParams)
-    seed: int = Field(0, description="Base seed for per-record random streams when sampling.seed is unset.")
+    seed: int = Field(
+        0, description="Base seed for per-record random streams when sampling.seed is unset."
+    )
 
     @classmethod
     def from_sources(
@@ -47,7 +49,9 @@ class GenerateConfig(BaseModel):
                     raise UserError(f"{path}: '{section}' must be a mapping")
                 node.update(given)
         if "model" not in data or not data["model"].get("model"):
-            raise UserError("no model given: pass --model PATH_OR_HUB_ID (or model.model in --config)")
+            raise UserError(
+                "no model given: pass --model PATH_OR_HUB_ID (or model.model in --config)"
+            )
         return validate(cls, data, str(path) if path else "command line")
 
 

@@ -21,7 +21,9 @@ from selfalign.jsonl import JsonlAppender
 from selfalign.progress import progress_bar
 
 
-def check_records(records: Sequence[dict[str, Any]], source: str, prompt_key: str = "prompt") -> None:
+def check_records(
+    records: Sequence[dict[str, Any]], source: str, prompt_key: str = "prompt"
+) -> None:
     """Every record has a unique id and a string prompt; otherwise a UserError naming it."""
     seen: set[Any] = set()
     for n, record in enumerate(records, start=1):

@@ -23,7 +23,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+        raise UserError(
+            f"--device {device}: CUDA is not available on this machine (use cpu or auto)"
+        )
     return device
 
 
@@ -47,7 +49,9 @@ def _check_exists(name: str) -> None:
     if looks_local:
         raise UserError(f"model {name!r}: no such directory")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"model {name!r}: no such directory, and HF_HUB_OFFLINE=1 so the hub is not tried")
+        raise UserError(
+            f"model {name!r}: no such directory, and HF_HUB_OFFLINE=1 so the hub is not tried"
+        )
 
 
 def adapter_base(path: str | Path) -> str | None:
@@ -68,7 +72,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"model {name!r}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"model {name!r}: cannot load its tokenizer ({str(e).splitlines()[0]})"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -89,7 +95,10 @@ def load_model(
     base = adapter_base(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base or name, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            base or name,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
         if base:
             from peft import PeftModel

@@ -16,14 +16,20 @@ class BackendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., description="Local model directory or hub id (a PEFT adapter dir works too).")
+    model: str = Field(
+        ..., description="Local model directory or hub id (a PEFT adapter dir works too)."
+    )
     backend: Literal["transformers"] = Field("transformers", description="Generation engine.")
-    device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    device: str = Field(
+        "auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ..."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16/fp16 on CUDA, float32 on CPU."
     )
     batch_size: int = Field(8, ge=1, description="Prompts decoded together.")
-    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint."
+    )
     share_prefix: bool = Field(True, description="Prefill the job's common prompt prefix once.")
 
 

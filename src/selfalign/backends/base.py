@@ -28,9 +28,16 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(256, ge=1, description="New tokens at most per completion.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings; the completion is cut before the first one.")
-    seed: int | None = Field(None, description="Makes sampling reproducible; each row gets its own stream.")
-    logit_bias: dict[int, float] = Field(default_factory=dict, description="Token id -> bias added to its logit before sampling.")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop strings; the completion is cut before the first one.",
+    )
+    seed: int | None = Field(
+        None, description="Makes sampling reproducible; each row gets its own stream."
+    )
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict, description="Token id -> bias added to its logit before sampling."
+    )
     ngram_penalties: dict[int, float] = Field(
         default_factory=dict,
         description="n (1..4) -> weight a_n: each candidate token is penalised a_n times the count of the "

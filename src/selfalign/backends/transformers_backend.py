@@ -35,7 +35,9 @@ from selfalign.modeling import context_length, load_model
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate prefill
 
 
-def ngram_penalty(generated: torch.Tensor, penalties: dict[int, float], vocab_size: int) -> torch.Tensor:
+def ngram_penalty(
+    generated: torch.Tensor, penalties: dict[int, float], vocab_size: int
+) -> torch.Tensor:
     """Penalty per (row, candidate token) for SELF-ALIGN's n-gram frequency penalties.
 
     For order n with weight a_n, candidate t costs a_n times the number of times the n-gram
@@ -146,7 +148,9 @@ class TransformersBackend(Backend):
             return
         bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
         if bad:
-            raise UserError(f"logit_bias: token ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
+            raise UserError(
+                f"logit_bias: token ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         row_seeds = resolve_seeds(len(prompts), params, seeds)
         encoded = self.encode(prompts, params)
         shared = self._shared_length(encoded)
@@ -195,7 +199,9 @@ class TransformersBackend(Backend):
 
         if prefix_cache is None:
             return DynamicCache(config=self.model.config)
-        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in prefix_cache]
+        data = [
+            (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in prefix_cache
+        ]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
     # -- one batch ---------------------------------------------------------------------------------
