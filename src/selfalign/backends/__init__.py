@@ -19,7 +19,10 @@ class BackendConfig(BaseModel):
     model: str = Field(
         ..., description="Local model directory or hub id (a PEFT adapter dir works too)."
     )
-    backend: Literal["transformers"] = Field("transformers", description="Generation engine.")
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers",
+        description="transformers: in-process; openai: an OpenAI-compatible server (vllm serve, SGLang, TGI, llama.cpp).",
+    )
     device: str = Field(
         "auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ..."
     )
@@ -31,6 +34,16 @@ class BackendConfig(BaseModel):
         False, description="Run model code shipped with the checkpoint."
     )
     share_prefix: bool = Field(True, description="Prefill the job's common prompt prefix once.")
+    base_url: str | None = Field(
+        None, description="openai backend: server URL, e.g. http://localhost:8000/v1."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai backend: environment variable holding the API key."
+    )
+    concurrency: int = Field(16, ge=1, description="openai backend: requests in flight at once.")
+    context: int | None = Field(
+        None, description="openai backend: the server's max model length (for truncation)."
+    )
 
 
 def _transformers(cfg: BackendConfig) -> Backend:
@@ -41,7 +54,18 @@ def _transformers(cfg: BackendConfig) -> Backend:
     )
 
 
-LOADERS = {"transformers": _transformers}
+def _openai(cfg: BackendConfig) -> Backend:
+    from selfalign.backends.openai_backend import OpenAIBackend
+    from selfalign.errors import UserError
+
+    if not cfg.base_url:
+        raise UserError("backend 'openai' needs model.base_url, e.g. http://localhost:8000/v1")
+    return OpenAIBackend(
+        cfg.model, cfg.base_url, cfg.api_key_env, cfg.concurrency, context=cfg.context
+    )
+
+
+LOADERS = {"transformers": _transformers, "openai": _openai}
 
 
 def load_backend(cfg: BackendConfig) -> Backend:

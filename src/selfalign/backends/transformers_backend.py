@@ -190,7 +190,7 @@ class TransformersBackend(Backend):
             self._prefix = None  # free the old one before computing the next
             cache = DynamicCache(config=self.model.config)
             ids = torch.tensor([prefix], device=self.device)
-            self.model(input_ids=ids, cache=cache, use_cache=True)
+            self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             self._prefix = (prefix, cache)
         return self._prefix[1]
 
@@ -233,6 +233,7 @@ class TransformersBackend(Backend):
             position_ids=positions[:, shared:],
             cache=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
         logits = out.logits[:, -1, :].float()
         next_position = positions[:, -1] + 1
@@ -293,6 +294,7 @@ class TransformersBackend(Backend):
                 position_ids=next_position[:, None],
                 cache=cache,
                 use_cache=True,
+                logits_to_keep=1,
             )
             logits = out.logits[:, -1, :].float()
             next_position = next_position + 1
