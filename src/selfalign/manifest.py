@@ -1,0 +1,93 @@
+"""The run directory's manifest: what each stage did, so a rerun knows what to skip.
+
+`RUN/manifest.json`:
+    {"stages": {"instructions" | "self_align" | "engrave" | "verbose":
+                 {"status": "pending|running|done|failed", "counts": {...}, "seconds": ...,
+                  "outputs": [...], "config_hash": ..., "error": ...}},
+     "versions": {...}, "seed": ..., "config_hash": ...}
+
+A stage's `config_hash` covers its own settings and every upstream stage's, so changing stage 1
+invalidates everything after it. Written atomically after every change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from selfalign.jsonl import write_text_atomic
+
+STAGES = ("instructions", "self_align", "engrave", "verbose")
+PACKAGES = (
+    "selfalign",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "rapidfuzz",
+)
+
+
+def config_hash(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+class Manifest:
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def load(cls, run: Path) -> Manifest:
+        path = run / "manifest.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+        else:
+            data = {"stages": {}}
+        for stage in STAGES:
+            data["stages"].setdefault(stage, {"status": "pending"})
+        return cls(path, data)
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"][name]
+
+    def start(self, name: str, stage_hash: str) -> None:
+        entry = self.stage(name)
+        entry.update(status="running", config_hash=stage_hash, started=time.time())
+        entry.pop("error", None)
+        self.save()
+
+    def finish(self, name: str, counts: dict[str, Any], outputs: list[str], seconds: float) -> None:
+        entry = self.stage(name)
+        entry.update(status="done", counts=counts, outputs=outputs, seconds=round(seconds, 2))
+        self.save()
+
+    def fail(self, name: str, error: str, seconds: float) -> None:
+        entry = self.stage(name)
+        entry.update(status="failed", error=error, seconds=round(seconds, 2))
+        self.save()
+
+    def reset(self, name: str) -> None:
+        self.data["stages"][name] = {"status": "pending"}
+        self.save()

@@ -1,0 +1,297 @@
+"""The run report: one self-contained HTML page (`RUN/report/index.html`, images embedded).
+
+It reads only the run directory's files, so `selfalign report RUN` works on a finished run, a
+half-finished one, or one copied from a cluster. Sections appear when their data exists:
+funnels per stage, instruction sources and red-teaming types, topics per type, ROUGE-L
+similarity, lengths, principle citations, training loss, sample records, the manifest.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from selfalign.jsonl import read_jsonl, write_text_atomic
+
+STAGE_DIRS = {
+    "instructions": ("1_instructions", "instructions.jsonl"),
+    "self_align": ("2_self_align", "aligned.jsonl"),
+    "verbose": ("4_verbose", "verbose.jsonl"),
+}
+SIMILARITY_KEYS = ("max_similarity", "rouge_l", "similarity", "max_rouge_l")
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7fb}
+header{background:#1d2330;color:#fff;padding:24px 40px}header h1{margin:0 0 6px;font-size:24px}
+header p{margin:0;color:#b8c0d4}main{padding:24px 40px;max-width:1200px}
+section{background:#fff;border-radius:10px;padding:20px 24px;margin:0 0 20px;box-shadow:0 1px 3px #0001}
+h2{margin:0 0 12px;font-size:18px}.grid{display:flex;flex-wrap:wrap;gap:16px}
+.grid figure{margin:0;flex:1 1 360px}img{max-width:100%;height:auto}
+table{border-collapse:collapse;width:100%;font-size:13px}td,th{border-bottom:1px solid #e4e7ef;padding:6px 8px;
+text-align:left;vertical-align:top}th{background:#f0f2f8}.done{color:#138a36;font-weight:600}
+.failed{color:#c62828;font-weight:600}.running{color:#b26a00;font-weight:600}.pending{color:#777}
+pre{white-space:pre-wrap;font-size:12px;background:#f6f7fb;padding:10px;border-radius:6px;max-height:420px;overflow:auto}
+.cell{max-height:140px;overflow:auto;white-space:pre-wrap}.muted{color:#777}
+"""
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    return read_jsonl(path) if path.exists() else []
+
+
+def _figure(draw, title: str) -> str:
+    """Render `draw(ax)` to an embedded PNG <figure>."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    draw(ax)
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def _bars(counts: dict[str, float], title: str, color: str = "#3b6fd8") -> str:
+    labels = list(counts)
+
+    def draw(ax):
+        ax.barh(labels[::-1], [counts[k] for k in labels][::-1], color=color)
+        ax.tick_params(labelsize=8)
+
+    return _figure(draw, title)
+
+
+def _hist(values: list[float], title: str, bins: int = 30) -> str:
+    def draw(ax):
+        ax.hist(values, bins=bins, color="#3b6fd8")
+        ax.set_ylabel("records")
+
+    return _figure(draw, title)
+
+
+def _section(title: str, body: str, anchor: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c, "")
+            if not isinstance(value, str):
+                value = json.dumps(value, ensure_ascii=False)
+            cells.append(f'<td><div class="cell">{html.escape(value[:1500])}</div></td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _words(text: str | None) -> int:
+    return len((text or "").split())
+
+
+def funnel_counts(kept: list[dict], rejected: list[dict]) -> dict[str, int]:
+    reasons = Counter(r.get("reason", "unknown") for r in rejected)
+    counts = {"generated": len(kept) + len(rejected), "kept": len(kept)}
+    counts.update({f"rejected: {k}": v for k, v in reasons.most_common()})
+    return counts
+
+
+def _funnels(run: Path) -> str:
+    figures = []
+    for stage, (folder, kept_name) in STAGE_DIRS.items():
+        kept, rejected = _load(run / folder / kept_name), _load(run / folder / "rejected.jsonl")
+        if kept or rejected:
+            figures.append(_bars(funnel_counts(kept, rejected), f"{stage}: funnel"))
+    return "".join(figures)
+
+
+def _losses(run: Path) -> str:
+    figures = []
+    for folder in ("3_engrave", "4_verbose"):
+        for log in sorted((run / folder).glob("**/train_log.jsonl")):
+            rows = [r for r in _load(log) if "loss" in r and "step" in r]
+            if rows:
+
+                def draw(ax, rows=rows):
+                    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="#d8573b")
+                    ax.set_xlabel("step")
+                    ax.set_ylabel("loss")
+
+                figures.append(_figure(draw, f"training loss: {log.relative_to(run)}"))
+    return "".join(figures)
+
+
+def build_report(run: str | Path) -> str:
+    """The report's HTML for the run directory `run`."""
+    run = Path(run)
+    manifest = (
+        json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
+    )
+    instructions = _load(run / "1_instructions" / "instructions.jsonl")
+    topics = _load(run / "1_instructions" / "topics.jsonl")
+    aligned = _load(run / "2_self_align" / "aligned.jsonl")
+    verbose = _load(run / "4_verbose" / "verbose.jsonl")
+    sections = []
+
+    stages = manifest.get("stages", {})
+    if stages:
+        rows = [
+            f'<tr><td>{html.escape(name)}</td><td class="{html.escape(s.get("status", ""))}">'
+            f"{html.escape(s.get('status', ''))}</td><td>{s.get('seconds', '')}</td>"
+            f"<td>{html.escape(json.dumps(s.get('counts', {}), ensure_ascii=False)[:600])}</td></tr>"
+            for name, s in stages.items()
+        ]
+        sections.append(
+            _section(
+                "Stages",
+                "<table><tr><th>stage</th><th>status</th><th>seconds</th><th>counts</th></tr>"
+                + "".join(rows)
+                + "</table>",
+                "stages",
+            )
+        )
+
+    funnels = _funnels(run)
+    if funnels:
+        sections.append(
+            _section("Funnel per stage", f'<div class="grid">{funnels}</div>', "funnels")
+        )
+
+    if instructions:
+        figures = [
+            _bars(
+                dict(Counter(r.get("source", "?") for r in instructions).most_common()),
+                "instructions per source",
+            )
+        ]
+        types = Counter(r.get("question_type") for r in instructions if r.get("question_type"))
+        if types:
+            figures.append(_bars(dict(types.most_common()), "TGRT instructions per question type"))
+        sections.append(
+            _section("Instructions", f'<div class="grid">{"".join(figures)}</div>', "instructions")
+        )
+
+    if topics:
+        per_type = Counter(r.get("question_type", "?") for r in topics)
+        sections.append(
+            _section(
+                "Topics per question type",
+                _bars(dict(per_type.most_common()), "topics per type"),
+                "topics",
+            )
+        )
+
+    similarity = [
+        float(r[k])
+        for r in instructions
+        for k in SIMILARITY_KEYS
+        if isinstance(r.get(k), int | float)
+    ]
+    if similarity:
+        sections.append(
+            _section(
+                "ROUGE-L similarity",
+                _hist(similarity, "max ROUGE-L F1 to the pool (kept instructions)"),
+                "similarity",
+            )
+        )
+
+    lengths = []
+    if instructions:
+        lengths.append(
+            _hist(
+                [_words(r.get("instruction")) for r in instructions], "instruction length (words)"
+            )
+        )
+    if aligned:
+        lengths.append(
+            _hist([_words(r.get("output")) for r in aligned], "self-aligned answer length (words)")
+        )
+    if verbose:
+        lengths.append(
+            _hist([_words(r.get("output")) for r in verbose], "verbose answer length (words)")
+        )
+    if lengths:
+        sections.append(
+            _section("Lengths", f'<div class="grid">{"".join(lengths)}</div>', "lengths")
+        )
+
+    citations = Counter(p for r in aligned for p in (r.get("principles") or []))
+    if citations:
+        sections.append(
+            _section(
+                "Principle citations",
+                _bars(dict(citations.most_common()), "principles cited in internal thoughts"),
+                "principles",
+            )
+        )
+
+    losses = _losses(run)
+    if losses:
+        sections.append(_section("Training", f'<div class="grid">{losses}</div>', "training"))
+
+    samples = []
+    for stage, (folder, kept_name) in STAGE_DIRS.items():
+        kept, rejected = (
+            _load(run / folder / kept_name)[:5],
+            _load(run / folder / "rejected.jsonl")[:5],
+        )
+        for label, rows in (("kept", kept), ("rejected", rejected)):
+            if rows:
+                columns = [
+                    c
+                    for c in (
+                        "id",
+                        "reason",
+                        "instruction",
+                        "input",
+                        "output",
+                        "completion",
+                        "question_type",
+                    )
+                    if any(c in r for r in rows)
+                ]
+                samples.append(f"<h3>{html.escape(stage)}: {label}</h3>" + _table(rows, columns))
+    if samples:
+        sections.append(_section("Sample records", "".join(samples), "samples"))
+
+    if manifest:
+        sections.append(
+            _section(
+                "Manifest",
+                f"<pre>{html.escape(json.dumps(manifest, indent=2, ensure_ascii=False))}</pre>",
+                "manifest",
+            )
+        )
+
+    if not sections:
+        sections.append(
+            _section(
+                "Nothing yet", '<p class="muted">This run has produced no data yet.</p>', "empty"
+            )
+        )
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>selfalign report: {html.escape(run.name)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>selfalign report: {html.escape(run.name)}</h1>"
+        f"<p>{html.escape(str(run.resolve()))}</p></header><main>{''.join(sections)}</main></body></html>"
+    )
+
+
+def write_report(run: str | Path) -> Path:
+    path = Path(run) / "report" / "index.html"
+    write_text_atomic(path, build_report(run))
+    return path

@@ -1,0 +1,109 @@
+"""The HTML report: every section present, every image a non-empty embedded PNG."""
+
+import base64
+import json
+from html.parser import HTMLParser
+
+from selfalign.jsonl import write_jsonl_atomic
+from selfalign.manifest import Manifest
+from selfalign.report import write_report
+
+
+class Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sections, self.images = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs.get("id"))
+        if tag == "img":
+            self.images.append(attrs["src"])
+
+
+def make_run(run):
+    write_jsonl_atomic(
+        run / "1_instructions/instructions.jsonl",
+        [
+            {
+                "id": f"i{i}",
+                "instruction": "word " * (i + 3),
+                "input": "",
+                "source": "tgrt" if i % 2 else "self_instruct",
+                "question_type": "legal" if i % 2 else None,
+                "topic": "Wills",
+                "max_similarity": i / 20,
+            }
+            for i in range(12)
+        ],
+    )
+    write_jsonl_atomic(
+        run / "1_instructions/topics.jsonl",
+        [{"id": "t1", "question_type": "legal", "topic": "Wills"}],
+    )
+    write_jsonl_atomic(
+        run / "1_instructions/rejected.jsonl",
+        [{"id": "r1", "reason": "similar", "instruction": "x"}],
+    )
+    write_jsonl_atomic(
+        run / "2_self_align/aligned.jsonl",
+        [
+            {
+                "id": f"i{i}",
+                "instruction": "q",
+                "input": "",
+                "output": "answer " * i,
+                "principles": ["ethical", "candor"][: i % 3],
+            }
+            for i in range(8)
+        ],
+    )
+    write_jsonl_atomic(
+        run / "2_self_align/rejected.jsonl",
+        [{"id": "x", "reason": "leakage", "completion": "<b>raw</b>"}],
+    )
+    write_jsonl_atomic(
+        run / "4_verbose/verbose.jsonl", [{"id": "v", "instruction": "q", "output": "long " * 50}]
+    )
+    write_jsonl_atomic(
+        run / "3_engrave/model/train_log.jsonl",
+        [{"step": s, "loss": 3 - s / 10} for s in range(1, 10)],
+    )
+    manifest = Manifest.load(run)
+    manifest.finish("instructions", {"kept": 12}, ["1_instructions/instructions.jsonl"], 1.0)
+
+
+def test_report_has_every_section_and_image(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    page = write_report(run).read_text()
+    parser = Collector()
+    parser.feed(page)
+    expected = {
+        "stages",
+        "funnels",
+        "instructions",
+        "topics",
+        "similarity",
+        "lengths",
+        "principles",
+        "training",
+        "samples",
+        "manifest",
+    }
+    assert expected <= set(parser.sections)
+    assert len(parser.images) >= 10
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "&lt;b&gt;raw&lt;/b&gt;" in page  # record text is escaped
+    assert (
+        json.loads((run / "manifest.json").read_text())["stages"]["instructions"]["status"]
+        == "done"
+    )
+
+
+def test_report_of_an_empty_run(tmp_path):
+    page = write_report(tmp_path / "empty").read_text()
+    assert "Nothing yet" in page
