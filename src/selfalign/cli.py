@@ -106,9 +106,9 @@ def generate(
 
 
 def _register_stage_commands() -> None:
-    from selfalign.commands import instructions, self_align, training
+    from selfalign.commands import instructions, pipeline, self_align, training
 
-    for module in (instructions, self_align, training):
+    for module in (instructions, self_align, training, pipeline):
         module.register(app)
 
 
