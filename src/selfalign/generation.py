@@ -45,17 +45,24 @@ def generate_records(
     seed: int = 0,
     prompt_key: str = "prompt",
     label: str = "generating",
+    store_prompt: bool = True,
 ) -> list[dict[str, Any]]:
-    """Complete every record not yet in `output`; return all output records in input order."""
+    """Complete every record not yet in `output`; return all output records in input order.
+
+    `store_prompt=False` leaves the prompt out of the output records (a long shared prompt, e.g.
+    a constitution, would otherwise be written once per row).
+    """
     with JsonlAppender(output) as out:
         todo = [r for r in records if r["id"] not in out.ids]
         if todo:
-            _run(backend, todo, params, out, seed, prompt_key, label)
+            _run(backend, todo, params, out, seed, prompt_key, label, store_prompt)
         by_id = {r["id"]: r for r in out.records}
     return [by_id[r["id"]] for r in records if r["id"] in by_id]
 
 
-def _run(backend, todo, params, out: JsonlAppender, seed, prompt_key, label) -> None:
+def _run(
+    backend, todo, params, out: JsonlAppender, seed, prompt_key, label, store_prompt=True
+) -> None:
     prompts = [r[prompt_key] for r in todo]
     seeds = [row_seed(seed, r["id"]) for r in todo]
     started, tokens = time.perf_counter(), 0
@@ -64,9 +71,12 @@ def _run(backend, todo, params, out: JsonlAppender, seed, prompt_key, label) -> 
             for batch in backend.iter_batches(prompts, params, seeds):
                 rows = []
                 for index, c in batch:
+                    kept = todo[index]
+                    if not store_prompt:
+                        kept = {k: v for k, v in kept.items() if k != prompt_key}
                     rows.append(
                         {
-                            **todo[index],
+                            **kept,
                             "completion": c.text,
                             "finish_reason": c.finish_reason,
                             "prompt_tokens": c.prompt_tokens,

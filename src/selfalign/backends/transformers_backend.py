@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from selfalign.backends.base import (
     Backend,
@@ -33,6 +34,58 @@ from selfalign.errors import UserError
 from selfalign.modeling import context_length, load_model
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate prefill
+
+
+class InPlaceLayer(DynamicLayer):
+    """A KV-cache layer with a buffer preallocated for `capacity` positions, written in place.
+
+    Returns views of the filled part; dropping finished rows copies once per drop, not per step.
+    """
+
+    def __init__(
+        self, capacity: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None
+    ):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        if keys is not None:
+            self._allocate(keys, values)
+            self._write(keys, values)
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        rows, heads, _, dim = keys.shape
+        self.k_buffer = keys.new_empty(rows, heads, self.capacity, dim)
+        self.v_buffer = values.new_empty(rows, values.shape[1], self.capacity, values.shape[-1])
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+
+    def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        end = self.length + keys.shape[-2]
+        if end > self.capacity:  # never expected (capacity covers the run), but stay correct
+            self.capacity = max(end, 2 * self.capacity)
+            old_k, old_v = self.k_buffer[:, :, : self.length], self.v_buffer[:, :, : self.length]
+            self._allocate(old_k, old_v)
+            self.k_buffer[:, :, : self.length], self.v_buffer[:, :, : self.length] = old_k, old_v
+        self.k_buffer[:, :, self.length : end] = keys
+        self.v_buffer[:, :, self.length : end] = values
+        self.length = end
+        self.keys, self.values = self.k_buffer[:, :, :end], self.v_buffer[:, :, :end]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self._allocate(key_states, value_states)
+        self._write(key_states, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.k_buffer, self.v_buffer = self.k_buffer[indices], self.v_buffer[indices]
+            self.keys, self.values = (
+                self.k_buffer[:, :, : self.length],
+                self.v_buffer[:, :, : self.length],
+            )
 
 
 def ngram_penalty(
@@ -194,15 +247,28 @@ class TransformersBackend(Backend):
             self._prefix = (prefix, cache)
         return self._prefix[1]
 
-    def _expanded_cache(self, prefix_cache, rows: int):
-        from transformers import DynamicCache
+    def _batch_cache(self, prefix_cache, rows: int, capacity: int):
+        """A cache for one batch, holding the shared prefix for every row.
 
-        if prefix_cache is None:
-            return DynamicCache(config=self.model.config)
+        Plain attention models get buffers sized for the whole batch run and written in place,
+        so a decoding step does not copy the whole cache (as concatenation would); other
+        layouts (sliding windows, hybrids) keep transformers' own DynamicCache.
+        """
+        from transformers import Cache, DynamicCache
+
         data = [
-            (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in prefix_cache
+            (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+            for k, v, *_ in prefix_cache or []
         ]
-        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+        layer_types = (
+            getattr(self.model.config.get_text_config(decoder=True), "layer_types", None) or []
+        )
+        if any(t != "full_attention" for t in layer_types):
+            return DynamicCache(ddp_cache_data=data or None, config=self.model.config)
+        layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
+        return Cache(
+            layers=[InPlaceLayer(capacity, *(data[i] if data else ())) for i in range(layers)]
+        )
 
     # -- one batch ---------------------------------------------------------------------------------
 
@@ -226,7 +292,7 @@ class TransformersBackend(Backend):
             mask[r, shared + width - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         input_ids, mask, positions = (t.to(self.device) for t in (input_ids, mask, positions))
-        cache = self._expanded_cache(prefix_cache, rows)
+        cache = self._batch_cache(prefix_cache, rows, shared + width + params.max_tokens)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
