@@ -84,6 +84,18 @@ def cutoff_year(cutoff: str) -> str:
     return m.group(0) if m else cutoff.strip()
 
 
+def fill_identity(text: str, identity: Identity, name: str | None = None) -> str:
+    """Replace {name}, {developer}, {knowledge_cutoff} and {cutoff_year} in `text` (other braces
+    are left alone); `name` overrides identity.name (the codename inside the prompt)."""
+    values = {
+        "name": name or identity.name,
+        "developer": identity.developer,
+        "knowledge_cutoff": describe_cutoff(identity.knowledge_cutoff),
+        "cutoff_year": cutoff_year(identity.knowledge_cutoff),
+    }
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
 class Principle(BaseModel):
     """One numbered rule of the constitution."""
 
@@ -180,13 +192,7 @@ class Constitution(BaseModel):
 
     def fill(self, text: str) -> str:
         """Replace the identity placeholders in `text` (other braces are left alone)."""
-        values = {
-            "name": self.prompt_name,
-            "developer": self.identity.developer,
-            "knowledge_cutoff": describe_cutoff(self.identity.knowledge_cutoff),
-            "cutoff_year": cutoff_year(self.identity.knowledge_cutoff),
-        }
-        return PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+        return fill_identity(text, self.identity, self.prompt_name)
 
     def label(self, kind: str) -> str:
         """The filled-in label of a turn kind: user, thoughts, answer, auto_reply."""
