@@ -293,9 +293,15 @@ def thoughts_cue(c: Constitution) -> str:
     return f"{c.label('thoughts')}:"
 
 
-def render_prompt(c: Constitution, instruction: str, input: str = "") -> str:
-    """THE self-align prompt: constitution, exemplars, the user's turn, then the thoughts cue."""
-    return f"{render_prefix(c)} {user_message(instruction, input)}\n\n{thoughts_cue(c)}"
+def render_prompt(
+    c: Constitution, instruction: str, input: str = "", prefix: str | None = None
+) -> str:
+    """THE self-align prompt: constitution, exemplars, the user's turn, then the thoughts cue.
+
+    `prefix` is `render_prefix(c)` computed once by a caller rendering many prompts.
+    """
+    prefix = render_prefix(c) if prefix is None else prefix
+    return f"{prefix} {user_message(instruction, input)}\n\n{thoughts_cue(c)}"
 
 
 # -- loading --------------------------------------------------------------------------------------

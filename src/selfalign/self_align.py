@@ -153,6 +153,12 @@ class SelfAlignConfig(BaseModel):
         description="Names replaced in identity conversations (values may use {name}, "
         "{developer}, {knowledge_cutoff}).",
     )
+    chunk_size: int = Field(
+        8192,
+        ge=1,
+        description="Instructions handed to the backend at a time (bounds the memory that "
+        "long prompts and their tokens take).",
+    )
     allow_missing: bool = Field(
         False,
         description="Write the final files even if some instructions have no completion yet.",
@@ -417,10 +423,12 @@ class ExemplarLeakage:
     and its numbers, less every word that another exemplar or the rest of the constitution
     (principles, preamble, identity) also uses, and less function words: "Rosetta", "1799",
     "Kowalczyk", "weather". An answer leaks when it shares `n` words in a row with an exemplar
-    that contain at least `min_distinctive` distinctive words the question does not contain. So
-    an answer that merely mentions a president or the weather is kept, so is one that reuses an
-    exemplar's generic phrasing ("my knowledge ends in ..."), and so is a weather answer that
-    copies the weather exemplar; copying a distinctive sentence into another topic is not.
+    that contain at least `min_distinctive` distinctive words the question does not contain,
+    unless the question is on that exemplar's topic: it shares a name or number of the
+    exemplar's user turns, or half of their distinctive words.
+    So an answer that merely mentions a president or the weather is kept, so is one that reuses
+    an exemplar's generic phrasing ("my knowledge ends in ..."), and so is a weather answer that
+    borrows from the weather exemplar; a distinctive sentence copied into another topic is not.
     Usable by other stages (stage 4 checks verbose answers) through `from_constitution`.
     """
 
@@ -436,19 +444,27 @@ class ExemplarLeakage:
         topics = topics if topics is not None else [""] * len(texts)
         vocab = [{_stem(w) for t in group for w in _words(t)} for group in texts]
         common = {_stem(w) for w in STOPWORDS} | {_stem(w) for t in background for w in _words(t)}
-        self.grams: dict[tuple[str, ...], frozenset[str]] = {}  # n-gram -> its distinctive words
+        # n-gram -> (its exemplar, its distinctive words); a distinctive word belongs to one
+        # exemplar only, so every such n-gram does too
+        self.grams: dict[tuple[str, ...], tuple[int, frozenset[str]]] = {}
+        # per exemplar: the distinctive words of its user turns, and the names/numbers among them
+        self.topics: list[tuple[frozenset[str], frozenset[str]]] = []
         for i, group in enumerate(texts):
             others = set().union(*(v for j, v in enumerate(vocab) if j != i))
-            marked = {_stem(w) for w in _words(topics[i])}
-            marked |= {_stem(w) for t in group for w in _names_and_numbers(t)}
-            distinctive = {w for w in marked - others - common if len(w) >= 3}
+            topic = {_stem(w) for w in _words(topics[i])}
+            names = {_stem(w) for t in group for w in _names_and_numbers(t)}
+            distinctive = {w for w in (topic | names) - others - common if len(w) >= 3}
+            topic_names = {_stem(w) for w in _names_and_numbers(topics[i])}
+            self.topics.append(
+                (frozenset(distinctive & topic), frozenset(distinctive & topic_names))
+            )
             for text in group:
                 words = _words(text)
                 for k in range(len(words) - n + 1):
                     gram = tuple(words[k : k + n])
                     found = distinctive.intersection(_stem(w) for w in gram)
                     if found:
-                        self.grams[gram] = frozenset(found) | self.grams.get(gram, frozenset())
+                        self.grams[gram] = (i, frozenset(found))
 
     @classmethod
     def from_constitution(
@@ -469,11 +485,16 @@ class ExemplarLeakage:
         if not self.grams:
             return None
         asked = {_stem(w) for w in _words(question)}
+        on_topic = {
+            i
+            for i, (topic, names) in enumerate(self.topics)
+            if names & asked or (topic and 2 * len(topic & asked) >= len(topic))
+        }
         words = _words(answer)
         for k in range(len(words) - self.n + 1):
             gram = tuple(words[k : k + self.n])
-            found = self.grams.get(gram)
-            if found and len(found - asked) >= self.min_distinctive:
+            hit = self.grams.get(gram)
+            if hit and hit[0] not in on_topic and len(hit[1] - asked) >= self.min_distinctive:
                 return " ".join(gram)
         return None
 
@@ -753,24 +774,34 @@ def load_instructions(path: str | Path, limit: int | None = None) -> list[dict[s
     return out[:limit] if limit else out
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def prompt_shas(c: Constitution, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A short hash of each row's `render_prompt` text, kept in the raw file so a resumed or
+    finalized run notices completions made from another constitution. The shared prefix is
+    hashed once, so this stays cheap for hundreds of thousands of rows."""
+    prefix = render_prefix(c)
+    base = hashlib.sha256(prefix.encode())
+    out = []
+    for r in rows:
+        rest = render_prompt(c, r["instruction"], r.get("input") or "", prefix=prefix)[
+            len(prefix) :
+        ]
+        h = base.copy()
+        h.update(rest.encode())
+        out.append(h.hexdigest()[:16])
+    return out
 
 
 def prompt_records(c: Constitution, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Generation records: every prompt starts with the same `render_prefix` text (shared
-    prefill); `prompt_sha` stays in the raw file to notice a changed constitution on resume."""
+    """Generation records: every prompt starts with the same `render_prefix` text, which the
+    backend prefills once; `prompt_sha` stays in the raw file (the prompt itself does not)."""
     prefix = render_prefix(c)
-    out = []
-    for r in rows:
-        prompt = render_prompt(c, r["instruction"], r.get("input") or "")
-        assert prompt.startswith(prefix)
-        out.append(
-            {"id": r["id"], "instruction": r["instruction"], "input": r.get("input") or "",
-             "source": r.get("source") or "self_align", "prompt": prompt,
-             "prompt_sha": _sha(prompt)}
-        )  # fmt: skip
-    return out
+    return [
+        {"id": r["id"], "instruction": r["instruction"], "input": r.get("input") or "",
+         "source": r.get("source") or "self_align",
+         "prompt": render_prompt(c, r["instruction"], r.get("input") or "", prefix=prefix),
+         "prompt_sha": sha}
+        for r, sha in zip(rows, prompt_shas(c, rows), strict=True)
+    ]  # fmt: skip
 
 
 def _raw_path(out_dir: Path, shard: Shard) -> Path:
@@ -815,15 +846,22 @@ def run_self_align(
     shard, out_dir = parse_shard(shard), Path(out_dir)
     c = stage_constitution(cfg)
     rows = load_instructions(instructions_path, cfg.max_instructions)
-    records = prompt_records(c, rows[shard.index :: shard.count])
+    mine = rows[shard.index :: shard.count]
+    raw_path = _raw_path(out_dir, shard)
+    expected = dict(zip((r["id"] for r in mine), prompt_shas(c, mine), strict=True))
+    done = read_jsonl(raw_path) if raw_path.exists() else []
+    _check_prompts(done, expected, str(raw_path))  # before generating anything more
+    done_ids = {r["id"] for r in done}
+    todo = [r for r in mine if r["id"] not in done_ids]
+    del done
     bias = apology_bias(cfg, backend)
     params = sampling_params(cfg, c, bias)
-    raw_path = _raw_path(out_dir, shard)
-    done = generate_records(
-        backend, records, params, raw_path, seed=cfg.seed, label="self-align",
-        store_prompt=False,
-    )  # fmt: skip
-    _check_prompts(done, {r["id"]: r["prompt_sha"] for r in records}, str(raw_path))
+    # in chunks: the backend tokenizes its whole job at once, and the prompts are long
+    for start in range(0, len(todo), cfg.chunk_size):
+        generate_records(
+            backend, prompt_records(c, todo[start : start + cfg.chunk_size]), params, raw_path,
+            seed=cfg.seed, label="self-align", store_prompt=False,
+        )  # fmt: skip
     extra = {"shard": f"{shard.index}/{shard.count}", "apology_bias_tokens": len(bias)}
     stats = finalize_self_align(cfg, instructions_path, out_dir, _quiet_missing=shard.count > 1)
     return {**stats, **extra}
@@ -841,7 +879,7 @@ def finalize_self_align(
     out_dir = Path(out_dir)
     c = stage_constitution(cfg)
     rows = load_instructions(instructions_path, cfg.max_instructions)
-    expected = {r["id"]: r["prompt_sha"] for r in prompt_records(c, rows)}
+    expected = dict(zip((r["id"] for r in rows), prompt_shas(c, rows), strict=True))
     by_id: dict[Any, dict] = {}
     for path in sorted(out_dir.glob(f"{RAW}*.raw.jsonl")):
         raw = read_jsonl(path)
