@@ -128,8 +128,9 @@ def test_scores_and_most_similar_identical_to_rouge_score():
 def test_block_and_chunk_sizes_do_not_change_results():
     texts = _pool_texts(300, seed=5)
     base = NoveltyPool(0.7, texts[:2]).filter(texts[2:])
-    for block, chunk in ((1, 65536), (5, 3), (1000, 1)):
-        assert NoveltyPool(0.7, texts[:2], block=block, pool_chunk=chunk).filter(texts[2:]) == base
+    for block, chunk, workers in ((1, 65536, 1), (5, 3, 2), (1000, 1, -1)):
+        pool = NoveltyPool(0.7, texts[:2], block=block, pool_chunk=chunk, workers=workers)
+        assert pool.filter(texts[2:]) == base
 
 
 def test_pool_grows_with_kept_only():

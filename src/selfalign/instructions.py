@@ -13,6 +13,11 @@ Four steps, each reading and writing files in one directory:
 - `run_merge`: union of both sources with ROUGE-L novelty across the whole merged set, seeded
   shuffle. Writes `instructions.jsonl` and `rejected.jsonl` (every rejection of every step).
 
+Each `run_*(cfg, backend, out_dir, shard=None)` takes an already loaded backend and returns its
+counts: `generated` (candidates read from completions), `parsed`, `kept` and `rejected` by reason
+(generated = kept + rejected; for topics, the new topics + rejected). `*_inputs(cfg)` load and
+check a step's files without a model, so a command can fail before loading one.
+
 With `shard="i/n"` (0-based), self-instruct and questions run a deterministic slice and tag their
 files `<name>.shard<i>of<n>.jsonl`; the merge reads all shards. Raw completions are appended per
 batch by `generate_records`, so a killed step rerun continues where it stopped and the final
@@ -228,6 +233,9 @@ class MergeConfig(BaseModel):
     allow_missing_shards: bool = Field(
         False, description="Merge even if a shard's file is missing."
     )
+    workers: int = Field(
+        -1, description="CPU threads for the ROUGE-L comparisons (-1: all); results do not change."
+    )
     seed: int = Field(42, description="Seeds the final shuffle.")
 
 
@@ -308,7 +316,9 @@ def _norm(text: str) -> str:
 
 
 def blocklist_patterns(words: Sequence[str]) -> list[re.Pattern]:
-    return [re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in words]
+    """Whole-word matchers: no letter, digit or _ right before or after (the paper's `\\b...\\b`,
+    which also works for phrases that start or end with a symbol, such as "c++")."""
+    return [re.compile(rf"(?<!\w){re.escape(w)}(?!\w)", re.IGNORECASE) for w in words]
 
 
 def eos_bias(backend: Backend) -> dict[int, float]:
@@ -1034,7 +1044,8 @@ def run_merge(
         )
 
     pool = NoveltyPool(
-        cfg.similarity_threshold if cfg.similarity_threshold is not None else math.inf
+        cfg.similarity_threshold if cfg.similarity_threshold is not None else math.inf,
+        workers=cfg.workers,
     )
     if cfg.include_seeds:
         pool.add(t["instruction"] for t in load_seed_tasks(cfg.seed_tasks))
