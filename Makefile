@@ -25,6 +25,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The whole pipeline, offline, on a tiny model built here (a plumbing demo: its text means nothing).
+demo: $(STAMP)
+	$(BIN)/selfalign build-demo-model runs/demo-model
+	$(BIN)/selfalign run configs/demo.yaml $(DEMO_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from selfalign.config import apply_overrides, load_config
+from selfalign.config import apply_overrides, load_config, validate
 from selfalign.errors import UserError
 
 
@@ -57,3 +57,25 @@ def test_invalid_yaml_names_line(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         load_config(Outer, tmp_path / "none.yaml")
+
+
+def test_partial_nested_section_keeps_the_other_defaults():
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from selfalign.backends import SamplingParams
+
+    class Stage(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        sampling: SamplingParams = Field(
+            default_factory=lambda: SamplingParams(temperature=0.3, stop=["\nUser:"])
+        )
+
+    class Top(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        stage: Stage = Field(default_factory=Stage)
+
+    cfg = validate(Top, {"stage": {"sampling": {"max_tokens": 7}}}, "x.yaml")
+    assert cfg.stage.sampling.max_tokens == 7
+    assert cfg.stage.sampling.temperature == 0.3 and cfg.stage.sampling.stop == ["\nUser:"]
+    with pytest.raises(UserError, match="unknown key 'stage.sampling.nope'"):
+        validate(Top, {"stage": {"sampling": {"nope": 1}}}, "x.yaml")

@@ -67,7 +67,7 @@ def make_run(run):
         run / "4_verbose/verbose.jsonl", [{"id": "v", "instruction": "q", "output": "long " * 50}]
     )
     write_jsonl_atomic(
-        run / "3_engrave/model/train_log.jsonl",
+        run / "3_engrave/model/training_log.jsonl",
         [{"step": s, "loss": 3 - s / 10} for s in range(1, 10)],
     )
     manifest = Manifest.load(run)

@@ -56,8 +56,27 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
+def fill_defaults(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """A nested section given in part keeps its defaults for the keys it leaves out.
+
+    `sampling: {max_tokens: 64}` changes one setting of a stage's sampling, not all of them back
+    to the generic defaults (a stage's defaults, such as its stop strings, are the paper's).
+    """
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        value, kind = out.get(name), field.annotation
+        if not (isinstance(value, dict) and isinstance(kind, type) and issubclass(kind, BaseModel)):
+            continue
+        default = field.get_default(call_default_factory=True)
+        base = default.model_dump() if isinstance(default, BaseModel) else {}
+        out[name] = fill_defaults(kind, {**base, **value})
+    return out
+
+
 def validate(model: type[M], data: Any, source: str) -> M:
     try:
+        if isinstance(data, dict):
+            data = fill_defaults(model, data)
         return model.model_validate(data)
     except ValidationError as e:
         raise UserError(format_validation_error(e, source)) from None

@@ -121,7 +121,7 @@ def _funnels(run: Path) -> str:
 def _losses(run: Path) -> str:
     figures = []
     for folder in ("3_engrave", "4_verbose"):
-        for log in sorted((run / folder).glob("**/train_log.jsonl")):
+        for log in sorted((run / folder).glob("**/training_log.jsonl")):
             rows = [r for r in _load(log) if "loss" in r and "step" in r]
             if rows:
 

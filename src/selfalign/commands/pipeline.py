@@ -11,6 +11,64 @@ import typer
 from selfalign.errors import UserError
 
 
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML (see configs/).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted.key=value settings over the YAML.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Run directory (default: run_dir in YAML).")
+    ] = None,
+    stages: Annotated[
+        str | None, typer.Option("--stages", help="Stages to run: 2, 1-2, 3-, self_align, ...")
+    ] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option("--force", help="Redo STAGE (and the stages after it) from scratch."),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars; one line per stage.")
+    ] = False,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Events as JSON lines on stderr (clusters).")
+    ] = False,
+) -> None:
+    """Take a base model through all four stages into a run directory (resumable)."""
+    import os
+    import shlex
+    import sys
+
+    from selfalign.pipeline import Events, load_pipeline_config, parse_stages, run_pipeline
+
+    if quiet or log_json:
+        os.environ["SELFALIGN_PROGRESS"] = "0"
+    selected = parse_stages(stages)
+    cfg = load_pipeline_config(config, overrides or [], run_dir)
+    command = "selfalign " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    manifest = run_pipeline(cfg, selected, force or [], Events(log_json, quiet), command)
+    if not (quiet or log_json):
+        _print_samples(Path(cfg.run_dir))
+    done = sum(s["status"] == "done" for s in manifest.data["stages"].values())
+    typer.echo(f"{cfg.run_dir}: {done}/4 stages done; selfalign status {cfg.run_dir}")
+
+
+def _print_samples(run: Path, n: int = 2) -> None:
+    """A few records per stage, so the user sees what the run made."""
+    from selfalign.jsonl import read_jsonl
+
+    for path, fields in (
+        (run / "1_instructions" / "instructions.jsonl", ("source", "instruction")),
+        (run / "2_self_align" / "aligned.jsonl", ("instruction", "output")),
+        (run / "4_verbose" / "verbose.jsonl", ("instruction", "output")),
+    ):
+        if not path.exists():
+            continue
+        typer.echo(f"--- {path.relative_to(run)}")
+        for record in read_jsonl(path)[:n]:
+            line = " | ".join(str(record.get(f, ""))[:160].replace("\n", " ") for f in fields)
+            typer.echo(f"  {line}")
+
+
 def status(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     """Print a run's manifest as a table."""
     from rich.console import Console
@@ -65,7 +123,21 @@ def export(
     typer.echo(f"{out}: " + ", ".join(f"{name} {n} rows" for name, n in counts.items()))
 
 
+def build_demo_model(
+    out: Annotated[Path, typer.Argument(help="Folder for the demo model.")] = Path(
+        "runs/demo-model"
+    ),
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Build the offline demo model (a tiny model trained on the prompt formats; text is noise)."""
+    from selfalign.demo import build_demo_model as build
+
+    build(out, seed=seed, log=typer.echo)
+
+
 def register(app) -> None:
+    app.command()(run)
+    app.command("build-demo-model")(build_demo_model)
     app.command()(status)
     app.command()(report)
     app.command()(export)

@@ -1,0 +1,177 @@
+"""The offline demo model: a tiny Llama that has learned the pipeline's prompt formats.
+
+`make demo` must show every stage working on a laptop with no GPU and no network, so it cannot
+download a base model. Instead it builds one here: a byte-level BPE tokenizer and a ~2M-parameter
+Llama, trained for a couple of minutes on text rendered with the stages' OWN prompt builders from
+the bundled seeds: each prompt followed by a well-formed continuation (numbered task blocks,
+topic lists, hint lines, internal thoughts + answer, chat turns). Its completions therefore parse
+and the filters have something to keep; the words themselves are recombined seed text and mean
+nothing. It is a plumbing demo, not a model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from selfalign.constitution import Constitution, Turn, load_constitution, render_prompt
+from selfalign.constitution import render_thoughts as constitution_thoughts
+from selfalign.conversation import ASSISTANT_HEADER, SYSTEM_PROMPTS, USER_HEADER, user_text
+from selfalign.instructions import (
+    build_question_prompt,
+    build_self_instruct_prompt,
+    build_topic_prompt,
+    hint_label,
+    load_seed_questions,
+    load_seed_tasks,
+    read_text_input,
+)
+
+THOUGHTS = [
+    "The user asks for something I can do well, so I will answer it directly.",
+    "This is a harmless request; a clear and complete answer will help most.",
+    "The user wants a concrete result, so I will give one and keep it short.",
+    "I can answer this from what I know, and I should say it plainly.",
+]
+
+
+def _topic_words(tasks: list[dict[str, str]]) -> list[str]:
+    words = {w.strip(".,;:!?\"'()").capitalize() for t in tasks for w in t["instruction"].split()}
+    return sorted(w for w in words if len(w) > 3 and w.isalpha())
+
+
+def demo_corpus(
+    constitution: Constitution, seed: int = 0, per_kind: int = 60
+) -> list[tuple[str, str]]:
+    """(prompt, continuation) pairs for every stage; continuations in the format its parser reads."""
+    rng = random.Random(seed)
+    tasks, seeds = load_seed_tasks(), load_seed_questions()
+    words = _topic_words(tasks)
+    meta = read_text_input(None, "self_instruct_prompt.txt")
+    topic_template = read_text_input(None, "topic_brainstorm_prompt.txt")
+    question_template = read_text_input(None, "question_prompt.txt")
+    texts: list[tuple[str, str]] = []
+
+    for _ in range(per_kind):  # stage 1: self-instruct, 5 shown + 3 continued blocks
+        chosen = rng.sample(tasks, 8)
+        text = ""
+        for n, task in enumerate(chosen[5:], start=6):
+            head = "" if n == 6 else f"###\n{n}. Instruction:"
+            text += f"{head} {task['instruction'].strip()}\n{n}. Input:\n{task['input'] or '<noinput>'}\n"
+        texts.append((build_self_instruct_prompt(meta, chosen[:5]), text + "###\n"))
+
+    for _ in range(per_kind):  # stage 1: topic brainstorm
+        qtype = rng.choice(seeds)["question_type"]
+        topics = [" ".join(rng.sample(words, rng.randint(1, 2))) for _ in range(9)]
+        prompt = build_topic_prompt(topic_template, qtype, topics[:4])
+        texts.append((prompt, " " + "\n".join(f"{n}. {t}" for n, t in enumerate(topics[4:], 5))))
+
+    for _ in range(per_kind):  # stage 1: topic-guided questions
+        examples = rng.sample(seeds, 3)
+        hints = [(q["question_type"], q["topic"]) for q in rng.sample(seeds, 3)]
+        questions = [rng.choice(tasks)["instruction"].strip() for _ in hints]
+        prompt = build_question_prompt(question_template, examples, hints)
+        text = f" {questions[0]}"
+        for j, ((qtype, topic), q) in enumerate(zip(hints[1:], questions[1:], strict=True), start=5):
+            text += f"\n{j}. type: {hint_label(qtype)}, topic: {topic}, instruction: {q}"
+        texts.append((prompt, text + "\n"))
+
+    ids = [p.id for p in constitution.principles]
+    for _ in range(per_kind // 2):  # stage 2: internal thoughts, then the answer
+        task = rng.choice(tasks)
+        turn = Turn(user=task["instruction"], thoughts=rng.choice(THOUGHTS),
+                    principles=sorted(rng.sample(ids, 2)), answer=task["output"])  # fmt: skip
+        texts.append((
+            render_prompt(constitution, task["instruction"], task["input"]),
+            f" {constitution_thoughts(constitution, turn)}\n\n"
+            + f"{constitution.label('answer')}: {task['output'].strip()}\n\n"
+            + f"{constitution.label('user')}:",
+        ))  # fmt: skip
+
+    identity = constitution.identity.model_dump()
+    systems = [s.format(**identity) for s in SYSTEM_PROMPTS.values()]
+    for _ in range(per_kind):  # stages 3-4: chat turns as the chat template renders them
+        task = rng.choice(tasks)
+        user = user_text(task["instruction"], task["input"])
+        prompt = rng.choice(systems) + USER_HEADER + user + ASSISTANT_HEADER
+        texts.append((prompt, task["output"].strip() + "</s>"))
+    rng.shuffle(texts)
+    return texts
+
+
+def build_demo_model(
+    path: str | Path,
+    constitution: str = "default",
+    seed: int = 0,
+    epochs: int = 8,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Build the demo model into `path` (skipped when it is already there); return the path."""
+    import torch
+
+    from selfalign.tiny import build_tiny_model
+
+    path = Path(path)
+    if (path / "demo_done").exists():
+        log(f"demo model: {path} exists, reused")
+        return path
+    pairs = demo_corpus(load_constitution(constitution), seed)
+    build_tiny_model(path, [p + c for p, c in pairs], vocab_size=4096, hidden_size=128, layers=4, heads=4,
+                     context=4096, seed=seed, initializer_range=0.02)  # fmt: skip
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(seed)
+    docs = []  # (token ids, number of prompt tokens): the loss covers the continuation only
+    for prompt, continuation in pairs:
+        ids = tokenizer(prompt + continuation)["input_ids"]
+        docs.append((ids, len(tokenizer(prompt)["input_ids"])))
+    started, tokens = time.perf_counter(), sum(len(d) for d, _ in docs) * epochs
+    log(f"demo model: training on {len(docs)} texts, {tokens:,} tokens over {epochs} epochs")
+    _train(model, docs, epochs, seed)
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "demo_done").write_text("")
+    log(f"demo model: saved to {path} in {time.perf_counter() - started:.0f}s")
+    return path
+
+
+def _train(model, docs: list[tuple[list[int], int]], epochs: int, seed: int,
+           accumulate: int = 4, lr: float = 2e-3) -> None:  # fmt: skip
+    """Next-token training on the continuations only.
+
+    Prompts are most of the tokens but need no loss, so each prompt runs forward once without
+    gradients into a KV cache and only the continuation runs with them: about a third of the
+    cost of ordinary training, and the continuation still learns to attend to the prompt.
+    """
+    import torch
+
+    steps = math.ceil(epochs * len(docs) / accumulate)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))
+    )
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    model.train()
+    done = 0
+    for _ in range(epochs):
+        rng.shuffle(order)
+        for i in order:
+            tokens, prompt = docs[i]
+            ids = torch.tensor([tokens])
+            with torch.no_grad():
+                cache = model(input_ids=ids[:, : prompt - 1], use_cache=True).past_key_values
+            rest = ids[:, prompt - 1 :]
+            loss = model(input_ids=rest, past_key_values=cache, labels=rest).loss / accumulate
+            loss.backward()
+            done += 1
+            if done % accumulate == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+    model.eval()

@@ -1,0 +1,201 @@
+"""`selfalign run`: stages in order, skip when done, refuse changed settings, --force, resume
+after SIGKILL in stage 2, and bad configs failing before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfalign.errors import UserError
+from selfalign.jsonl import read_jsonl
+from selfalign.pipeline import load_pipeline_config, parse_stages, run_pipeline
+
+TESTS = Path(__file__).parent
+
+TRAIN = {
+    "lora_r": 4, "effective_batch_size": 4, "micro_batch_size": 2, "max_steps": 2,
+    "warmup_steps": 0, "max_length": 128, "gradient_checkpointing": False,
+    "logging_steps": 1, "save_steps": 1,
+}  # fmt: skip
+
+
+def write_config(tmp_path: Path, model: Path, **changes) -> Path:
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"model": str(model), "device": "cpu", "dtype": "float32", "batch_size": 4},
+        "instructions": {
+            "self_instruct": {"num_instructions": 6, "prompts_per_round": 4, "max_rounds": 3},
+            "topics": {"epochs": 1, "max_prompts_per_type": 1},
+            "questions": {"max_topics_per_type": 1},
+        },
+        "self_align": {"identity_questions": None},
+        "engrave": dict(TRAIN),
+        "verbose": {"min_words": 5, "train": dict(TRAIN)},
+    }
+    for key, value in changes.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def all_ids_unique(run: Path) -> None:
+    for path in run.rglob("*.jsonl"):
+        if path.name == "training_log.jsonl":
+            continue
+        ids = [r["id"] for r in read_jsonl(path) if "id" in r]
+        assert len(ids) == len(set(ids)), f"duplicate ids in {path}"
+
+
+# -- pure parts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, ["instructions", "self_align", "engrave", "verbose"]),
+        ("2", ["self_align"]),
+        ("1-2", ["instructions", "self_align"]),
+        ("3-", ["engrave", "verbose"]),
+        ("-2", ["instructions", "self_align"]),
+        ("self-align", ["self_align"]),
+        ("self_align-verbose", ["self_align", "engrave", "verbose"]),
+    ],
+)
+def test_parse_stages(text, expected):
+    assert parse_stages(text) == expected
+
+
+@pytest.mark.parametrize("text", ["5", "2-1", "training"])
+def test_parse_stages_rejects_nonsense(text):
+    with pytest.raises(UserError, match="--stages"):
+        parse_stages(text)
+
+
+# -- bad configs fail before any work --------------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "selfalign", *args], capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"self_align.temprature": 0.3}, "unknown key 'self_align.temprature'"),
+        ({"engrave.max_steps": "many"}, "engrave.max_steps"),
+        ({"model.model": "/nonexistent/model"}, "/nonexistent/model"),
+        ({"instructions.topics.prompt": "/nonexistent/prompt.txt"}, "instructions.topics.prompt"),
+    ],
+)
+def test_bad_config_fails_before_any_work(tmp_path, tiny_model_dir, change, message):
+    config = write_config(tmp_path, tiny_model_dir, **change)
+    result = run_cli("run", str(config))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "1_instructions").exists()
+
+
+def test_unwritable_run_dir_fails_early(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    config = write_config(tmp_path, tiny_model_dir, run_dir=str(blocker / "run"))
+    result = run_cli("run", str(config))
+    assert result.returncode == 2 and "not writable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_override_on_the_command_line(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    cfg = load_pipeline_config(config, ["self_align.sampling.max_tokens=7", "seed=3"])
+    assert cfg.self_align.sampling.max_tokens == 7
+    assert cfg.self_align.sampling.temperature == 0.5  # the stage default is kept
+    assert cfg.self_align.seed == 3 and cfg.instructions.topics.seed == 3
+
+
+# -- whole runs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_run_skips_refuses_and_forces(tmp_path, tiny_model_dir, monkeypatch):
+    import pipeline_fakes
+
+    pipeline_fakes.install(monkeypatch)
+    config = write_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    manifest = run_pipeline(load_pipeline_config(config)).data
+    for stage, entry in manifest["stages"].items():
+        assert entry["status"] == "done", stage
+        assert entry["seconds"] >= 0 and entry["outputs"]
+    assert manifest["stages"]["instructions"]["counts"]["kept"] > 0
+    assert manifest["stages"]["self_align"]["counts"]["kept"] > 0
+    assert manifest["stages"]["verbose"]["counts"]["kept"] > 0
+    for path in (
+        "1_instructions/instructions.jsonl", "2_self_align/sft.jsonl",
+        "3_engrave/model/model.safetensors", "4_verbose/verbose.jsonl",
+        "4_verbose/model/model.safetensors", "report/index.html", "config.yaml",
+    ):  # fmt: skip
+        assert (run / path).exists(), path
+    all_ids_unique(run)
+
+    # a rerun with the same settings does nothing
+    before = (run / "2_self_align" / "sft.jsonl").stat().st_mtime_ns
+    run_pipeline(load_pipeline_config(config), report=False)
+    assert (run / "2_self_align" / "sft.jsonl").stat().st_mtime_ns == before
+
+    # changed settings of a done stage: refused, naming the key and the --force to use
+    changed = load_pipeline_config(config, ["verbose.min_words=3"])
+    with pytest.raises(UserError, match=r"'verbose'.*verbose.min_words.*--force verbose"):
+        run_pipeline(changed, report=False)
+    manifest = run_pipeline(changed, force=["verbose"], report=False).data
+    assert manifest["stages"]["verbose"]["status"] == "done"
+    assert (run / "2_self_align" / "sft.jsonl").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_sigkill_in_stage_2_resumes_stage_2(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    script = tmp_path / "run_fake.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "import pipeline_fakes\n"
+        "pipeline_fakes.install(kill_after=int(sys.argv[1]) if sys.argv[1] != 'none' else None)\n"
+        "from selfalign.cli import main\n"
+        f"sys.argv = ['selfalign', 'run', {str(config)!r}, '--quiet']\n"
+        "main()\n"
+    )
+    run = tmp_path / "run"
+    killed = subprocess.run([sys.executable, str(script), "6"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["instructions"]["status"] == "done"
+    assert manifest["stages"]["self_align"]["status"] == "running"
+    stage1 = {p: p.stat().st_mtime_ns for p in (run / "1_instructions").glob("*.jsonl")}
+    raw_before = read_jsonl(next((run / "2_self_align").glob("*.raw.jsonl")))
+    assert 0 < len(raw_before)
+
+    done = subprocess.run([sys.executable, str(script), "none"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "[instructions] done already, skipped" in done.stderr
+    assert {p: p.stat().st_mtime_ns for p in (run / "1_instructions").glob("*.jsonl")} == stage1
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    raw_after = read_jsonl(next((run / "2_self_align").glob("*.raw.jsonl")))
+    assert raw_after[: len(raw_before)] == raw_before  # resumed, not redone
+    all_ids_unique(run)
