@@ -420,6 +420,9 @@ def test_question_pairs_dedupe_balance_and_order_are_seeded():
     assert pairs == question_pairs(topics, cfg)
     unbalanced = question_pairs(topics, QuestionsConfig(balance_types=False))
     assert len(unbalanced) == 5  # "cats" is a duplicate of "Cats" within type A
+    topics[2]["epoch"] = topics[3]["epoch"] = 4  # Dogs, Owls: from a later epoch
+    early = question_pairs(topics, QuestionsConfig(balance_types=False, max_topic_epoch=3))
+    assert sorted(early) == [("A", "Cats"), ("B", "Cats"), ("B", "Rain")]
 
 
 def test_plan_question_groups_resumes_by_type_and_topic():

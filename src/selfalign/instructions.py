@@ -210,6 +210,10 @@ class QuestionsConfig(BaseModel):
     hints_per_prompt: int = Field(5, ge=1, description="New (type, topic) hints per prompt.")
     balance_types: bool = Field(True, description="Same number of topics per type (seeded sample).")
     max_topics_per_type: int | None = Field(None, ge=1, description="Cap on topics per type.")
+    max_topic_epoch: int | None = Field(
+        None, ge=0, description="Use only topics of epochs <= this (seeds are epoch 0, topics of "
+        "brainstorm epoch e are e+1); the paper asked about the pool after 6 of its 9 epochs."
+    )  # fmt: skip
     min_words: int = Field(2, ge=1, description="Fewer words: rejected as too_short.")
     max_words: int = Field(150, ge=1, description="More words: rejected as too_long.")
     suppress_eos: bool = Field(True, description="Bias EOS to -100 so the model keeps listing.")
@@ -838,6 +842,8 @@ def question_pairs(topics: Sequence[dict], cfg: QuestionsConfig) -> list[tuple[s
     by_type: dict[str, list[str]] = {}
     seen = set()
     for t in topics:
+        if cfg.max_topic_epoch is not None and t.get("epoch", 0) > cfg.max_topic_epoch:
+            continue
         key = (t["question_type"], _norm(t["topic"]))
         if key not in seen:
             seen.add(key)

@@ -28,8 +28,10 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value override.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling and choices.")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="I/N: run slice I (0-based) of N.")]
-TempOpt = Annotated[float | None, typer.Option("--temperature")]
-TopPOpt = Annotated[float | None, typer.Option("--top-p")]
+TempOpt = Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (1.0).")]
+TopPOpt = Annotated[
+    float | None, typer.Option("--top-p", help="Nucleus mass (paper: 0.98, questions 0.95).")
+]
 MaxTokOpt = Annotated[int | None, typer.Option("--max-tokens", help="New tokens per completion.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Prompts decoded together.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
@@ -214,6 +216,10 @@ def questions(
     max_topics_per_type: Annotated[
         int | None, typer.Option("--max-topics-per-type", help="Cap on topics per type.")
     ] = None,
+    max_topic_epoch: Annotated[
+        int | None,
+        typer.Option("--max-topic-epoch", help="Only topics of epochs <= this (seeds: 0)."),
+    ] = None,
     seed_questions: Annotated[
         Path | None,
         typer.Option("--seed-questions", help="Seed questions JSONL (default: bundled)."),
@@ -243,6 +249,7 @@ def questions(
         f"{s}.hints_per_prompt": hints_per_prompt,
         f"{s}.num_examples": num_examples,
         f"{s}.max_topics_per_type": max_topics_per_type,
+        f"{s}.max_topic_epoch": max_topic_epoch,
         f"{s}.seed_questions": str(seed_questions) if seed_questions else None,
         f"{s}.prompt": str(prompt) if prompt else None,
         f"{s}.seed": seed,
