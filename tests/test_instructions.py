@@ -551,8 +551,11 @@ def test_self_instruct_refuses_raw_file_from_other_prompts(tmp_path):
     other = tmp_path / "meta.txt"
     other.write_text("A different meta prompt.")
     cfg = cfg.model_copy(update={"meta_prompt": str(other)})
+    before = (tmp_path / "self_instruct.raw.jsonl").read_text()
+    backend = ScriptedBackend(canned_responder())
     with pytest.raises(UserError, match="different prompt"):
-        run_self_instruct(cfg, ScriptedBackend(canned_responder()), tmp_path)
+        run_self_instruct(cfg, backend, tmp_path)
+    assert not backend.calls and (tmp_path / "self_instruct.raw.jsonl").read_text() == before
 
 
 def test_eos_is_suppressed_with_the_backend_tokenizer():

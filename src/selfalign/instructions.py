@@ -339,22 +339,27 @@ def _params(sampling: SamplingParams, suppress_eos: bool, backend: Backend) -> S
     if not suppress_eos:
         return sampling
     bias = eos_bias(backend)
-    if not bias:
-        log.warning("backend has no tokenizer: EOS cannot be suppressed, generating without it")
+    if not bias and not sampling.logit_bias:
+        log.warning(
+            "backend has no tokenizer: EOS is not suppressed (set sampling.logit_bias to "
+            "{EOS_TOKEN_ID: -100} to do so)"
+        )
     return sampling.model_copy(update={"logit_bias": {**bias, **sampling.logit_bias}})
 
 
 def _generate(backend, records, params, raw_path: Path, seed: int, label: str) -> list[dict]:
-    """`generate_records`, refusing a raw file written for different prompts (changed inputs)."""
-    done = generate_records(backend, records, params, raw_path, seed=seed, label=label)
-    by_id = {r["id"]: r for r in records}
-    for r in done:
-        if r.get("prompt") != by_id[r["id"]]["prompt"]:
-            raise UserError(
-                f"{raw_path}: record {r['id']!r} was generated from a different prompt (seeds, "
-                "prompt file or settings changed); use a new output directory or delete this file"
-            )
-    return done
+    """`generate_records`, first refusing a raw file written for other prompts (changed seeds,
+    prompt files or settings): mixing the two would make a run no one could reproduce."""
+    if raw_path.exists():
+        done = {r["id"]: r.get("prompt") for r in read_jsonl(raw_path)}
+        for r in records:
+            if r["id"] in done and done[r["id"]] != r["prompt"]:
+                raise UserError(
+                    f"{raw_path}: record {r['id']!r} was generated from a different prompt "
+                    "(seeds, prompt file or settings changed); use a new output directory or "
+                    "delete this file"
+                )
+    return generate_records(backend, records, params, raw_path, seed=seed, label=label)
 
 
 def _reject(step: str, reason: str, key: str, prompt_id: str, **fields: Any) -> dict:
