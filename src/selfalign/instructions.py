@@ -173,7 +173,11 @@ class SelfInstructConfig(BaseModel):
         0.7, ge=0.0, le=1.0, description="Reject when ROUGE-L F1 > this (1 keeps all)."
     )
     suppress_eos: bool = Field(True, description="Bias EOS to -100 so the model keeps listing.")
-    sampling: SamplingParams = Field(default_factory=lambda: _sampling(1024, 0.98))
+    sampling: SamplingParams = Field(
+        default_factory=lambda: _sampling(1024, 0.98),
+        description="Sampling (the paper's self-instruct script: temperature 1, top_p 0.98, "
+        "1024 new tokens).",
+    )
     seed: int = Field(42, description="Seeds few-shot sampling and generation.")
 
 
@@ -192,7 +196,11 @@ class TopicsConfig(BaseModel):
     max_topics_per_prompt: int = Field(20, ge=1, description="Lines read from one completion.")
     max_words: int = Field(3, ge=1, description="Longer topics are rejected (the paper's rule).")
     suppress_eos: bool = Field(True, description="Bias EOS to -100 so the model keeps listing.")
-    sampling: SamplingParams = Field(default_factory=lambda: _sampling(128, 0.98))
+    sampling: SamplingParams = Field(
+        default_factory=lambda: _sampling(128, 0.98),
+        description="Sampling (the paper's topic brainstorm script: temperature 1, top_p 0.98, "
+        "128 new tokens).",
+    )
     seed: int = Field(42, description="Seeds balancing, example sampling and generation.")
 
 
@@ -217,7 +225,11 @@ class QuestionsConfig(BaseModel):
     min_words: int = Field(2, ge=1, description="Fewer words: rejected as too_short.")
     max_words: int = Field(150, ge=1, description="More words: rejected as too_long.")
     suppress_eos: bool = Field(True, description="Bias EOS to -100 so the model keeps listing.")
-    sampling: SamplingParams = Field(default_factory=lambda: _sampling(384, 0.95))
+    sampling: SamplingParams = Field(
+        default_factory=lambda: _sampling(384, 0.95),
+        description="Sampling (the paper's question generation script: temperature 1, top_p 0.95, "
+        "384 new tokens).",
+    )
     seed: int = Field(42, description="Seeds hint order, example sampling and generation.")
 
 
