@@ -199,3 +199,13 @@ def test_sigkill_in_stage_2_resumes_stage_2(tmp_path, tiny_model_dir):
     raw_after = read_jsonl(next((run / "2_self_align").glob("*.raw.jsonl")))
     assert raw_after[: len(raw_before)] == raw_before  # resumed, not redone
     all_ids_unique(run)
+
+
+@pytest.mark.parametrize("name", ["demo", "small-gpu", "paper"])
+def test_example_configs_validate_and_open_with_their_command(name):
+    from selfalign.config import read_yaml, validate
+    from selfalign.pipeline import PipelineConfig, shared_defaults
+
+    path = TESTS.parent / "configs" / f"{name}.yaml"
+    validate(PipelineConfig, shared_defaults(read_yaml(path)), str(path))
+    assert "selfalign run" in path.read_text().split("\n\n")[0] or "make demo" in path.read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -123,8 +124,13 @@ def _quiet_libraries() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # "Loading weights" / "Writing model shards" bars
     except ImportError:
         pass
+    # deprecation notices inside the libraries are for their callers, not for our users
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main() -> None:

@@ -45,15 +45,15 @@ def _topic_words(tasks: list[dict[str, str]]) -> list[str]:
 
 def demo_corpus(
     constitution: Constitution, seed: int = 0, per_kind: int = 60
-) -> list[tuple[str, str]]:
-    """(prompt, continuation) pairs for every stage; continuations in the format its parser reads."""
+) -> list[tuple[str, str, str]]:
+    """(kind, prompt, continuation) for every stage; continuations in the format its parser reads."""
     rng = random.Random(seed)
     tasks, seeds = load_seed_tasks(), load_seed_questions()
     words = _topic_words(tasks)
     meta = read_text_input(None, "self_instruct_prompt.txt")
     topic_template = read_text_input(None, "topic_brainstorm_prompt.txt")
     question_template = read_text_input(None, "question_prompt.txt")
-    texts: list[tuple[str, str]] = []
+    texts: list[tuple[str, str, str]] = []
 
     for _ in range(per_kind):  # stage 1: self-instruct, 5 shown + 3 continued blocks
         chosen = rng.sample(tasks, 8)
@@ -61,13 +61,17 @@ def demo_corpus(
         for n, task in enumerate(chosen[5:], start=6):
             head = "" if n == 6 else f"###\n{n}. Instruction:"
             text += f"{head} {task['instruction'].strip()}\n{n}. Input:\n{task['input'] or '<noinput>'}\n"
-        texts.append((build_self_instruct_prompt(meta, chosen[:5]), text + "###\n"))
+        texts.append(
+            ("self_instruct", build_self_instruct_prompt(meta, chosen[:5]), text + "###\n")
+        )
 
     for _ in range(per_kind):  # stage 1: topic brainstorm
         qtype = rng.choice(seeds)["question_type"]
         topics = [" ".join(rng.sample(words, rng.randint(1, 2))) for _ in range(9)]
         prompt = build_topic_prompt(topic_template, qtype, topics[:4])
-        texts.append((prompt, " " + "\n".join(f"{n}. {t}" for n, t in enumerate(topics[4:], 5))))
+        texts.append(
+            ("topics", prompt, " " + "\n".join(f"{n}. {t}" for n, t in enumerate(topics[4:], 5)))
+        )
 
     for _ in range(per_kind):  # stage 1: topic-guided questions
         examples = rng.sample(seeds, 3)
@@ -75,16 +79,19 @@ def demo_corpus(
         questions = [rng.choice(tasks)["instruction"].strip() for _ in hints]
         prompt = build_question_prompt(question_template, examples, hints)
         text = f" {questions[0]}"
-        for j, ((qtype, topic), q) in enumerate(zip(hints[1:], questions[1:], strict=True), start=5):
+        for j, ((qtype, topic), q) in enumerate(
+            zip(hints[1:], questions[1:], strict=True), start=5
+        ):
             text += f"\n{j}. type: {hint_label(qtype)}, topic: {topic}, instruction: {q}"
-        texts.append((prompt, text + "\n"))
+        texts.append(("questions", prompt, text + "\n"))
 
     ids = [p.id for p in constitution.principles]
-    for _ in range(per_kind // 2):  # stage 2: internal thoughts, then the answer
+    for _ in range(per_kind):  # stage 2: internal thoughts, then the answer
         task = rng.choice(tasks)
         turn = Turn(user=task["instruction"], thoughts=rng.choice(THOUGHTS),
                     principles=sorted(rng.sample(ids, 2)), answer=task["output"])  # fmt: skip
         texts.append((
+            "self_align",
             render_prompt(constitution, task["instruction"], task["input"]),
             f" {constitution_thoughts(constitution, turn)}\n\n"
             + f"{constitution.label('answer')}: {task['output'].strip()}\n\n"
@@ -97,7 +104,7 @@ def demo_corpus(
         task = rng.choice(tasks)
         user = user_text(task["instruction"], task["input"])
         prompt = rng.choice(systems) + USER_HEADER + user + ASSISTANT_HEADER
-        texts.append((prompt, task["output"].strip() + "</s>"))
+        texts.append(("chat", prompt, task["output"].strip() + "</s>"))
     rng.shuffle(texts)
     return texts
 
@@ -106,7 +113,7 @@ def build_demo_model(
     path: str | Path,
     constitution: str = "default",
     seed: int = 0,
-    epochs: int = 8,
+    epochs: int = 20,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Build the demo model into `path` (skipped when it is already there); return the path."""
@@ -119,59 +126,97 @@ def build_demo_model(
         log(f"demo model: {path} exists, reused")
         return path
     pairs = demo_corpus(load_constitution(constitution), seed)
-    build_tiny_model(path, [p + c for p, c in pairs], vocab_size=4096, hidden_size=128, layers=4, heads=4,
+    build_tiny_model(path, [p + c for _, p, c in pairs], vocab_size=4096, hidden_size=128, layers=4, heads=4,
                      context=4096, seed=seed, initializer_range=0.02)  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(seed)
-    docs = []  # (token ids, number of prompt tokens): the loss covers the continuation only
-    for prompt, continuation in pairs:
+    docs = []  # (token ids, number of prompt tokens, kind): loss on the continuation only
+    for kind, prompt, continuation in pairs:
         ids = tokenizer(prompt + continuation)["input_ids"]
-        docs.append((ids, len(tokenizer(prompt)["input_ids"])))
-    started, tokens = time.perf_counter(), sum(len(d) for d, _ in docs) * epochs
+        docs.append((ids, len(tokenizer(prompt)["input_ids"]), kind))
+    started, tokens = time.perf_counter(), sum(len(d) for d, _, _ in docs) * epochs
     log(f"demo model: training on {len(docs)} texts, {tokens:,} tokens over {epochs} epochs")
-    _train(model, docs, epochs, seed)
+    _train(model, docs, epochs, seed, log=log)
     model.save_pretrained(path, safe_serialization=True)
     (path / "demo_done").write_text("")
     log(f"demo model: saved to {path} in {time.perf_counter() - started:.0f}s")
     return path
 
 
-def _train(model, docs: list[tuple[list[int], int]], epochs: int, seed: int,
-           accumulate: int = 4, lr: float = 2e-3) -> None:  # fmt: skip
-    """Next-token training on the continuations only.
+def _common_length(docs: list[list[int]]) -> int:
+    first, n = docs[0], len(docs[0])
+    for ids in docs[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(first[:n], ids, strict=False)) if a != b),
+                 min(n, len(ids)))  # fmt: skip
+    return n
 
-    Prompts are most of the tokens but need no loss, so each prompt runs forward once without
-    gradients into a KV cache and only the continuation runs with them: about a third of the
-    cost of ordinary training, and the continuation still learns to attend to the prompt.
+
+def _train(model, docs: list[tuple[list[int], int, str]], epochs: int, seed: int,
+           batch_size: int = 4, lr: float = 3e-3, log=None) -> None:  # fmt: skip
+    """Next-token training on the continuations, cheap where prompts share a prefix.
+
+    Docs of one kind (`group`) share their prompt's opening (the constitution and exemplars,
+    the meta prompt): it runs forward once per batch without gradients into a KV cache that
+    every row attends to; only the rest runs with gradients, and only continuation tokens
+    carry loss. That is most of the tokens skipped, not just unscored.
     """
     import torch
+    from transformers import DynamicCache
 
-    steps = math.ceil(epochs * len(docs) / accumulate)
+    groups: dict[str, list[int]] = {}
+    for i, (_, _, group) in enumerate(docs):
+        groups.setdefault(group, []).append(i)
+    # shared prefix per group, at least one token short of the shortest prompt in it
+    shared = {
+        g: min(_common_length([docs[i][0] for i in idx]), min(docs[i][1] for i in idx) - 1)
+        for g, idx in groups.items()
+    }
+    rng = random.Random(seed)
+    plan = []
+    for _ in range(epochs):
+        epoch = []
+        for g, idx in groups.items():
+            idx = idx[:]
+            rng.shuffle(idx)
+            epoch += [(g, idx[k : k + batch_size]) for k in range(0, len(idx), batch_size)]
+        rng.shuffle(epoch)
+        plan += epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / len(plan)))
     )
-    rng = random.Random(seed)
-    order = list(range(len(docs)))
     model.train()
-    done = 0
-    for _ in range(epochs):
-        rng.shuffle(order)
-        for i in order:
-            tokens, prompt = docs[i]
-            ids = torch.tensor([tokens])
+    losses: dict[str, list[float]] = {}
+    for step, (group, batch) in enumerate(plan, start=1):
+        start, rows = shared[group], len(batch)
+        cache = DynamicCache(config=model.config)
+        if start > 0:
             with torch.no_grad():
-                cache = model(input_ids=ids[:, : prompt - 1], use_cache=True).past_key_values
-            rest = ids[:, prompt - 1 :]
-            loss = model(input_ids=rest, past_key_values=cache, labels=rest).loss / accumulate
-            loss.backward()
-            done += 1
-            if done % accumulate == 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
+                model(input_ids=torch.tensor([docs[batch[0]][0][:start]]), cache=cache)
+            data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in cache]
+            cache = DynamicCache(ddp_cache_data=data, config=model.config)
+        width = max(len(docs[i][0]) for i in batch) - start
+        ids = torch.zeros((rows, width), dtype=torch.long)
+        labels = torch.full((rows, width), -100)
+        mask = torch.zeros((rows, start + width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            tokens, prompt, _ = docs[i]
+            rest = torch.tensor(tokens[start:])
+            ids[r, : len(rest)] = rest
+            labels[r, prompt - start : len(rest)] = rest[prompt - start :]
+            mask[r, : len(tokens)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, cache=cache, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.setdefault(group, []).append(loss.item())
+        if log and step % max(1, len(plan) // 8) == 0:
+            mean = {g: round(sum(v) / len(v), 2) for g, v in losses.items()}
+            log(f"demo model: step {step}/{len(plan)}, loss by kind {mean}")
+            losses.clear()
     model.eval()
