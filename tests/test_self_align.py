@@ -130,6 +130,7 @@ def test_code_and_short_lists_are_not_repetition():
     code = "Here:\n\n```python\nx = 1\nprint(x)\nx = 2\nprint(x)\nprint(x)\nprint(x)\n```\n\nDone."
     assert cut_repetition(code) == (code, False)
     assert cut_repetition("The sorted list is [1, 1, 1, 4, 4, 5].")[1] is False
+    assert cut_repetition("In binary: 0 1 0 1 0 1 0 1 is a pattern.")[1] is False
 
 
 def test_truncated_answer_is_dropped_by_default(default):
@@ -291,6 +292,25 @@ def test_apology_bias_covers_every_way_to_start_sorry():
     for i in ids:
         text = tok.decode([i]).lstrip().lower()
         assert text.startswith("sorry") or "sorry".startswith(text)
+
+
+def test_apology_bias_with_sentencepiece_style_markers():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    words = "Sorry sorry Sorrow Sorrento sorrel professor tensor Sort sort sorted Sorbet".split()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    tok.train_from_iterator([" ".join(words)] * 50, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    ids = set(apology_token_ids(fast))
+    pieces = {fast.convert_ids_to_tokens(i) for i in ids}
+    assert "▁Sorry" in pieces and "▁sorry" in pieces
+    for i in fast("professor tensor", add_special_tokens=False)["input_ids"][1:]:
+        assert i not in ids or fast.convert_ids_to_tokens(i).startswith("▁")
+    assert all(p.lstrip("▁").lower()[:3] == "sor" for p in pieces)
 
 
 # -- identity data ----------------------------------------------------------------------------------

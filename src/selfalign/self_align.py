@@ -205,7 +205,9 @@ def apology_token_ids(tokenizer) -> list[int]:
             continue
         text = tokenizer.decode([index])
         word = text.lstrip().lower()
-        spaced = text[:1].isspace()
+        # a word-initial piece: a space in its text, or the tokenizer's marker for one
+        # (sentencepiece "▁", byte-level "Ġ"; decoding a lone token may drop the space)
+        spaced = text[:1].isspace() or token[:1] in ("▁", "Ġ")
         if word.startswith(_SORRY) or (spaced and len(word) >= 3 and _SORRY.startswith(word)):
             out.append(index)
     return sorted(out)
@@ -338,6 +340,8 @@ def _first_tandem(words: list[str], max_period: int, times: int = 3, min_span: i
             if p * times < min_span or i + p * times > len(words):
                 continue
             phrase = words[i : i + p]
+            if all(w.isdigit() for w in phrase):  # "0, 1, 0, 1, 0, 1" is data, not a loop
+                continue
             if all(words[i + k * p : i + (k + 1) * p] == phrase for k in range(1, times)):
                 return i + p
     return None
@@ -863,19 +867,20 @@ def run_self_align(
             seed=cfg.seed, label="self-align", store_prompt=False,
         )  # fmt: skip
     extra = {"shard": f"{shard.index}/{shard.count}", "apology_bias_tokens": len(bias)}
-    stats = finalize_self_align(cfg, instructions_path, out_dir, _quiet_missing=shard.count > 1)
+    stats = _finalize(cfg, instructions_path, out_dir, wait_for_shards=shard.count > 1)
     return {**stats, **extra}
 
 
 def finalize_self_align(
-    cfg: SelfAlignConfig,
-    instructions_path: str | Path,
-    out_dir: str | Path,
-    _quiet_missing: bool = False,
+    cfg: SelfAlignConfig, instructions_path: str | Path, out_dir: str | Path
 ) -> dict[str, Any]:
     """Parse and filter the completions of every raw file in `out_dir` (all shards) and write
     aligned/identity/rejected/sft.jsonl and stats.json. No model needed: rerun it to apply other
     filter settings (e.g. `truncated: cut`) to the same completions."""
+    return _finalize(cfg, instructions_path, out_dir, wait_for_shards=False)
+
+
+def _finalize(cfg, instructions_path, out_dir, wait_for_shards: bool) -> dict[str, Any]:
     out_dir = Path(out_dir)
     c = stage_constitution(cfg)
     rows = load_instructions(instructions_path, cfg.max_instructions)
@@ -888,7 +893,7 @@ def finalize_self_align(
             by_id.setdefault(r["id"], r)
     missing = [r["id"] for r in rows if r["id"] not in by_id]
     if missing and not cfg.allow_missing:
-        if _quiet_missing:
+        if wait_for_shards:
             return {"finalized": False, "pending": len(missing), "instructions": len(rows)}
         raise UserError(
             f"{out_dir}: {len(missing)} of {len(rows)} instructions have no completion yet "
