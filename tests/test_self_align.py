@@ -632,6 +632,24 @@ def test_end_to_end_on_a_tiny_model(tiny_backend, tmp_path):
     assert "Kestrel" in json.dumps(read_jsonl(out / "identity.jsonl"))
 
 
+def test_default_constitution_prefix_is_prefilled_once(tmp_path):
+    """Every prompt begins with the identical constitution text, so the transformers backend
+    finds it as the job's common prefix (computed once, shared by every row)."""
+    from selfalign.backends.transformers_backend import TransformersBackend
+    from selfalign.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", context=8192)  # the full prompt needs > 2048
+    backend = TransformersBackend.load(str(model), device="cpu", dtype="float32", batch_size=4)
+    inp = tmp_path / "i.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "instruction": f"Q{i} {'x' * i}?"}) + "\n"
+                           for i in range(4)))  # fmt: skip
+    cfg = SelfAlignConfig(sampling={"max_tokens": 8}, identity_questions=None)
+    stats = run_self_align(cfg, backend, inp, tmp_path / "out")
+    assert stats["generated"] == 4 == stats["kept"] + sum(stats["rejected"].values())
+    prefix_tokens = len(backend.tokenizer(PREFIX)["input_ids"])
+    assert backend.last_shared_prefix >= prefix_tokens - 1
+
+
 @pytest.mark.slow
 def test_cli_kill_9_and_rerun_leaves_no_duplicates(tiny_model_dir, tmp_path):
     constitution, inp = tiny_inputs(tmp_path, 60)
