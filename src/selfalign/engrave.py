@@ -215,9 +215,11 @@ def run_engrave(
     import torch
     from datasets import Dataset
     from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     from selfalign.modeling import adapter_base, load_tokenizer
+    from selfalign.progress import enabled
 
     out_dir = Path(out_dir)
     model_name = _check_config(cfg)
@@ -229,6 +231,10 @@ def run_engrave(
     if adapter_base(model_name):
         raise UserError(f"model {model_name!r} is a LoRA adapter; fine-tune a full (merged) model")
     started = time.perf_counter()
+    if not enabled():
+        import datasets
+
+        datasets.disable_progress_bars()
 
     # 1. Data: rows -> conversations with a seeded system prompt, cut to the cut-off (counted).
     rows = load_sft_rows(sft_path)
@@ -265,7 +271,7 @@ def run_engrave(
 
     # 4. Train with TRL: conversational data, loss on the assistant spans ({% generation %}).
     checkpoints = out_dir / "checkpoints"
-    args = _sft_args(cfg, checkpoints, accumulation, warmup, device, precision)
+    args = _sft_args(cfg, checkpoints, accumulation, warmup, steps, device, precision)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -274,6 +280,8 @@ def run_engrave(
         peft_config=peft_config,
         callbacks=[_jsonl_log(out_dir / "training_log.jsonl"), *(callbacks or [])],
     )
+    if not enabled():  # quiet mode: the JSONL log has every step; no dicts on stdout
+        trainer.remove_callback(PrinterCallback)
     resume_from = _last_checkpoint(checkpoints, fingerprint) if cfg.resume else None
     _write_fingerprint(checkpoints, fingerprint)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -403,7 +411,13 @@ def _lora_config(cfg: TrainConfig):
 
 
 def _sft_args(
-    cfg: TrainConfig, checkpoints: Path, accumulation: int, warmup: int, device, precision
+    cfg: TrainConfig,
+    checkpoints: Path,
+    accumulation: int,
+    warmup: int,
+    steps: int,
+    device,
+    precision,
 ):
     from trl import SFTConfig
 
@@ -429,7 +443,9 @@ def _sft_args(
         use_cpu=device == "cpu",
         activation_checkpointing=cfg.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        logging_steps=cfg.logging_steps,
+        # the first step and, in short runs, the last one are always in the training log
+        logging_first_step=True,
+        logging_steps=max(1, min(cfg.logging_steps, steps)),
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

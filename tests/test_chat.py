@@ -1,0 +1,258 @@
+"""Using a trained model: `chat` (streamed, multi-turn) and `answer` (batched, resumable), and
+stages 3 -> 4 -> chat end to end through the CLI."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+
+import pytest
+
+from selfalign.backends import SamplingParams
+from selfalign.backends.scripted import ScriptedBackend
+from selfalign.chat import (
+    ChatSettings,
+    chat_loop,
+    fit_history,
+    question_messages,
+    run_answer,
+    visible_text,
+)
+from selfalign.constitution import Identity
+from selfalign.conversation import ASSISTANT_HEADER, install_chat_template, render_prompt
+from selfalign.errors import UserError
+from selfalign.jsonl import read_jsonl, write_jsonl_atomic
+
+IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with our chat template in its tokenizer (as `engrave` leaves it)."""
+    from selfalign.modeling import load_tokenizer
+
+    path = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    tok = load_tokenizer(str(path))
+    install_chat_template(tok, IDENTITY)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(chat_model_dir):
+    from selfalign.modeling import load_model
+
+    model, tokenizer, _ = load_model(str(chat_model_dir), "cpu", "float32")
+    return model, tokenizer
+
+
+def test_visible_text_hides_turn_markers_split_across_pieces():
+    assert "".join(visible_text(["Hel", "lo the", "re."])) == "Hello there."
+    assert "".join(visible_text(["Answer.", "\n##", "# Us", "er\nNext"])) == "Answer."
+    assert "".join(visible_text(["A\n### Assistant\nB"])) == "A"
+    pieces = list(visible_text(["x" * 40, "y"]))
+    assert (
+        "".join(pieces) == "x" * 40 + "y" and pieces[0] == "x" * 27
+    )  # streams, does not wait for the end
+
+
+def test_chat_streams_keeps_turns_and_resets(loaded):
+    model, tokenizer = loaded
+    inputs = iter(["Hello there", "And then?", "/reset", "Fresh start", "/exit", "never read"])
+    prompts_seen = []
+    written: list[str] = []
+    settings = ChatSettings(temperature=0, max_new_tokens=12)
+
+    real = tokenizer.apply_chat_template
+
+    def spy(messages, *args, **kwargs):
+        if kwargs.get("return_tensors"):
+            prompts_seen.append([m["content"] for m in messages])
+        return real(messages, *args, **kwargs)
+
+    tokenizer.apply_chat_template = spy
+    try:
+        final = chat_loop(
+            model, tokenizer, settings, read=lambda _: next(inputs), write=written.append
+        )
+    finally:
+        del tokenizer.apply_chat_template
+    assert prompts_seen[0] == ["Hello there"]
+    assert prompts_seen[1][0] == "Hello there" and prompts_seen[1][2] == "And then?"  # multi-turn
+    assert prompts_seen[2] == ["Fresh start"]  # /reset forgot the rest
+    assert [m["role"] for m in final] == ["user", "assistant"] and final[0][
+        "content"
+    ] == "Fresh start"
+    assert "(conversation reset)\n" in written
+
+    # the streamed reply is the greedy continuation of the chat-template prompt
+    from selfalign.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(model, tokenizer, batch_size=1)
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": "Fresh start"}])
+    expected = backend.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_tokens=12, stop=["\n### User", "\n### Assistant"]),
+    )
+    assert final[1]["content"] == expected[0].text.strip()
+
+
+def test_chat_ends_at_end_of_input(loaded):
+    model, tokenizer = loaded
+
+    def read(_):
+        raise EOFError
+
+    assert (
+        chat_loop(
+            model,
+            tokenizer,
+            ChatSettings(temperature=0, max_new_tokens=4),
+            read=read,
+            write=lambda _: None,
+        )
+        == []
+    )
+
+
+def test_old_turns_are_dropped_to_fit_the_context(loaded):
+    _, tokenizer = loaded
+    long = [
+        {"role": "user", "content": "word " * 50},
+        {"role": "assistant", "content": "ok " * 50},
+    ] * 3
+    messages = [{"role": "system", "content": "S"}, *long, {"role": "user", "content": "last"}]
+    kept = fit_history(tokenizer, messages, budget=200)
+    assert kept[0]["content"] == "S" and kept[-1]["content"] == "last" and len(kept) < len(messages)
+
+
+def test_chat_without_template_is_a_user_error(tiny_model_dir):
+    from selfalign.modeling import load_model
+
+    model, tokenizer, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    with pytest.raises(UserError, match="no chat template"):
+        chat_loop(model, tokenizer, ChatSettings(), read=lambda _: "/exit", write=lambda _: None)
+
+
+def test_question_records():
+    assert question_messages({"question": " Why? "}, None, "f: record 1") == [
+        {"role": "user", "content": "Why?"}
+    ]
+    assert question_messages({"instruction": "Sum.", "input": "1 2"}, "SYS", "w")[0] == {
+        "role": "system",
+        "content": "SYS",
+    }
+    with pytest.raises(UserError, match="f: record 3: needs 'messages'"):
+        question_messages({"id": 1}, None, "f: record 3")
+    with pytest.raises(UserError, match="must end with a user turn"):
+        question_messages({"messages": [{"role": "assistant", "content": "x"}]}, None, "w")
+
+
+def test_answer_is_batched_resumable_and_uses_the_template(tmp_path, loaded):
+    _, tokenizer = loaded
+    questions = [{"id": f"q{i}", "question": f"Question {i}?"} for i in range(7)]
+    write_jsonl_atomic(tmp_path / "q.jsonl", questions)
+
+    def respond(prompt, seed):
+        assert prompt.endswith(ASSISTANT_HEADER)
+        return "Answer to " + prompt.rsplit("### User\n", 1)[1].split("\n")[0] + "\n### User\nextra"
+
+    class Dies(ScriptedBackend):
+        def iter_batches(self, prompts, params, seeds=None):
+            for n, batch in enumerate(super().iter_batches(prompts, params, seeds)):
+                if n == 1:
+                    raise RuntimeError("killed")
+                yield batch
+
+    params = SamplingParams(temperature=0.7, max_tokens=50)
+    with pytest.raises(RuntimeError):
+        run_answer(Dies(respond, 3), tokenizer, tmp_path / "q.jsonl", tmp_path / "a.jsonl", params)
+    again = ScriptedBackend(respond, 3)
+    assert run_answer(again, tokenizer, tmp_path / "q.jsonl", tmp_path / "a.jsonl", params) == 7
+    assert len(again.calls) == 4
+    answers = read_jsonl(tmp_path / "a.jsonl")
+    assert [a["id"] for a in answers] == [q["id"] for q in questions]
+    assert answers[2]["answer"] == "Answer to Question 2?"  # cut at the next turn marker
+    with pytest.raises(UserError, match="is the input file"):
+        run_answer(again, tokenizer, tmp_path / "q.jsonl", tmp_path / "q.jsonl", params)
+
+
+# -- the CLI, end to end ---------------------------------------------------------------------------
+
+
+def cli(monkeypatch, capsys, *args, stdin: str = "") -> tuple[int, str, str]:
+    from selfalign.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    try:
+        main()  # returns on success; exits (code 2) on a user error
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_answer_command(chat_model_dir, tmp_path, monkeypatch, capsys):
+    write_jsonl_atomic(
+        tmp_path / "q.jsonl", [{"id": i, "question": f"Question {i}?"} for i in range(3)]
+    )
+    code, _, err = cli(monkeypatch, capsys, "answer", str(chat_model_dir), "--input", str(tmp_path / "q.jsonl"),
+                       "--output", str(tmp_path / "a.jsonl"), "--max-tokens", "8", "--device", "cpu")  # fmt: skip
+    assert code in (0, None), err
+    assert [r["id"] for r in read_jsonl(tmp_path / "a.jsonl")] == [0, 1, 2]
+    assert all("answer" in r for r in read_jsonl(tmp_path / "a.jsonl"))
+
+
+@pytest.mark.slow
+def test_engrave_then_verbose_clone_then_chat(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    rows = [
+        {"id": f"r{i}", "instruction": f"Tell me about topic number {i}.", "input": "",
+         "output": f"Topic {i} is a fine subject; here is what I know about it.", "source": "aligned"}
+        for i in range(8)
+    ]  # fmt: skip
+    write_jsonl_atomic(tmp_path / "aligned.jsonl", rows)
+    write_jsonl_atomic(tmp_path / "identity.jsonl", [
+        {"id": "who", "instruction": "Who are you?", "input": "", "output": "I am Quokka.", "source": "identity"}
+    ])  # fmt: skip
+    engraved, final = tmp_path / "engraved", tmp_path / "verbose" / "model"
+    code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir), "--data", str(tmp_path / "aligned.jsonl"),
+                       "--out", str(engraved), "--name", "Quokka", "--developer", "the Lab", "--max-steps", "30",
+                       "--learning-rate", "3e-2", "--effective-batch-size", "8", "--device", "cpu",
+                       "--set", "warmup_steps=2", "--set", "logging_steps=5")  # fmt: skip
+    assert code in (0, None), err
+    assert "trained on 8/8 examples" in err
+
+    code, _, err = cli(monkeypatch, capsys, "verbose-clone", "--model", str(engraved), "--data", str(tmp_path / "aligned.jsonl"),
+                       "--out", str(tmp_path / "verbose"), "--max-tokens", "60", "--device", "cpu",
+                       "--set", "min_words=1", "--set", "train.max_steps=3", "--set", "train.effective_batch_size=4")  # fmt: skip
+    assert code in (0, None), err
+    verbose = read_jsonl(tmp_path / "verbose" / "verbose.jsonl")
+    rejected = read_jsonl(tmp_path / "verbose" / "rejected.jsonl")
+    raw = read_jsonl(tmp_path / "verbose" / "verbose.raw.jsonl")
+    assert (
+        len(raw) == 9 == len(verbose) + len(rejected) and verbose
+    )  # 8 instructions + identity question
+    assert "verbose-who" in {r["id"] for r in raw}
+
+    for model_dir in (engraved, final):
+        for name in ("model.safetensors", "config.json", "generation_config.json", "chat_template.jinja",
+                     "README.md", "training_log.jsonl", "adapter/adapter_model.safetensors"):  # fmt: skip
+            assert (model_dir / name).is_file(), model_dir / name
+    stats = __import__("json").loads((final / "train_stats.json").read_text())
+    assert stats["base_model"] == str(
+        tiny_model_dir.resolve()
+    )  # the BASE model, not the engraved one
+    assert (
+        stats["identity"]["name"] == "Quokka"
+        and "max_length: 768" in (final / "README.md").read_text()
+    )
+
+    for model_dir in (final, final / "adapter"):
+        code, out, err = cli(monkeypatch, capsys, "chat", str(model_dir), "--device", "cpu", "--temperature", "0",
+                             "--max-new-tokens", "8", stdin="Hello\n/reset\nWho are you?\n/exit\n")  # fmt: skip
+        assert code in (0, None), err
+        assert "/reset" in out and "(conversation reset)" in out

@@ -1,0 +1,311 @@
+"""Stage 4: verbose prompts, filters on canned completions, resume, and the final SFT."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfalign.backends import Completion
+from selfalign.backends.scripted import ScriptedBackend
+from selfalign.constitution import Identity
+from selfalign.conversation import ASSISTANT_HEADER, install_chat_template, system_prompt
+from selfalign.errors import UserError
+from selfalign.jsonl import read_jsonl, write_jsonl_atomic
+from selfalign.verbose import (
+    VerboseConfig,
+    filter_answers,
+    instruction_rows,
+    is_repetitive,
+    run_final_sft,
+    run_verbose,
+    verbose_system_prompt,
+)
+
+IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
+
+GOOD = (
+    "There are several sides to this. First, the history: the idea appeared long ago and changed "
+    "over time. Second, the practical view: most people meet it in daily life. Third, a caveat: "
+    "details differ between countries, so check local sources."
+)
+
+
+@pytest.fixture()
+def tokenizer(tiny_model_dir):
+    from selfalign.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    install_chat_template(tok, IDENTITY)
+    return tok
+
+
+def generated(
+    completion: str, instruction: str = "Explain taxes.", finish: str = "stop", **extra
+) -> dict:
+    return {
+        "id": "verbose-a", "source_id": "a", "source": "aligned", "instruction": instruction,
+        "input": "", "completion": completion, "finish_reason": finish, **extra,
+    }  # fmt: skip
+
+
+def reason_of(row, cfg=None, exemplars=()):
+    kept, rejected = filter_answers([row], cfg or VerboseConfig(), IDENTITY, exemplars)
+    return rejected[0]["reason"] if rejected else None
+
+
+def test_paper_defaults():
+    cfg = VerboseConfig()
+    s = cfg.sampling
+    assert (s.temperature, s.top_p, s.max_tokens) == (0.3, 0.7, 512)
+    assert s.ngram_penalties == {3: 1.0, 4: 2.0}
+    assert (
+        cfg.train.max_length == 768 and cfg.train.learning_rate == 4e-4 and cfg.train.lora_r == 16
+    )
+    # a partial `train:` section in YAML keeps the final model's cut-off
+    assert VerboseConfig(train={"max_steps": 2}).train.max_length == 768
+
+
+def test_verbose_prompt_is_our_extensive_mode_with_identity():
+    text = verbose_system_prompt(IDENTITY)
+    assert "extensive" in text and "Quokka" in text and "the Lab" in text and "2024-01" in text
+    assert text != system_prompt(IDENTITY)
+
+
+def test_good_answer_is_kept_even_if_it_mentions_a_president_or_the_weather():
+    row = generated(GOOD + " The president and the weather both matter here.")
+    kept, rejected = filter_answers(
+        [row], VerboseConfig(), IDENTITY, ["The president of a country today"]
+    )
+    assert not rejected
+    assert kept == [
+        {
+            "id": "verbose-a",
+            "instruction": "Explain taxes.",
+            "input": "",
+            "output": row["completion"],
+            "source": "aligned",
+            "source_id": "a",
+        }  # fmt: skip
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        (generated(GOOD, finish="length"), "truncated"),
+        (generated("Taxes pay for roads."), "too_short"),
+        (generated("   "), "too_short"),
+        (generated(GOOD + "\n### User\nmore?"), "turn_marker"),
+        (
+            generated(
+                "Explain in detail how income taxes work. " + GOOD,
+                "Explain in detail how income taxes work.",
+            ),
+            "echo_prompt",
+        ),
+        (
+            generated(
+                GOOD
+                + " I look at the request from several angles, explain the background and my reasoning."
+            ),
+            "echo_system",
+        ),
+        (generated(GOOD + " " + GOOD), "repetition"),
+        (generated("It is good. " * 12), "repetition"),
+    ],
+)
+def test_each_filter_names_its_reason(row, reason):
+    assert reason_of(row) == reason
+
+
+def test_exemplar_leakage_is_detected_but_not_when_the_question_has_it():
+    exemplar = "As of my knowledge cut-off the tallest building was in a desert city far away."
+    leaked = generated(
+        GOOD + " As of my knowledge cut-off the tallest building was in a desert city."
+    )
+    assert reason_of(leaked, exemplars=[exemplar]) == "exemplar_leakage"
+    quoted = generated(
+        GOOD + " As of my knowledge cut-off the tallest building was in a desert city.",
+        instruction="Is this true: as of my knowledge cut-off the tallest building was in a desert city?",
+    )
+    assert reason_of(quoted, exemplars=[exemplar]) is None
+
+
+def test_repetition_helper():
+    assert not is_repetitive(GOOD, 6, 2)
+    assert is_repetitive("one two three four five six " * 3, 6, 2)
+
+
+def test_instruction_rows_merge_identity_questions_and_dedupe():
+    aligned = [{"id": 1, "instruction": "What is rain?", "input": ""},
+               {"id": 2, "instruction": "what is RAIN?"},
+               {"id": 3, "instruction": "Sum these.", "input": "1 2"}]  # fmt: skip
+    identity = [{"id": "who", "instruction": "Who are you?", "input": ""}]
+    rows = instruction_rows(aligned, identity, VerboseConfig())
+    assert [r["id"] for r in rows] == ["verbose-1", "verbose-3", "verbose-who"]
+    assert rows[-1]["source"] == "identity"
+    assert [r["id"] for r in instruction_rows(aligned, identity, VerboseConfig(include_identity=False))] == [
+        "verbose-1", "verbose-3"
+    ]  # fmt: skip
+    assert len(instruction_rows(aligned, identity, VerboseConfig(max_instructions=1))) == 2
+    with pytest.raises(UserError, match="aligned record 1: needs 'id'"):
+        instruction_rows([{"instruction": "x"}], [], VerboseConfig())
+
+
+def write_stage2(folder, n: int = 10):
+    write_jsonl_atomic(
+        folder / "aligned.jsonl",
+        [
+            {
+                "id": f"a{i}",
+                "instruction": f"Explain idea number {i}.",
+                "input": "",
+                "output": "Short.",
+                "source": "self_instruct",
+            }
+            for i in range(n)
+        ],  # fmt: skip
+    )
+    write_jsonl_atomic(
+        folder / "identity.jsonl",
+        [
+            {
+                "id": "id0",
+                "instruction": "Who made you?",
+                "input": "",
+                "output": "The Lab.",
+                "source": "identity",
+            }
+        ],
+    )
+
+
+def scripted(prompt: str, seed: int):
+    question = prompt.rsplit("### User\n", 1)[1].split(ASSISTANT_HEADER)[0]
+    if "number 3" in question:
+        return Completion(GOOD, "length", 10, 512)  # cut by the limit
+    if "number 4" in question:
+        return "Too short."
+    return f"About '{question}': " + GOOD + f" (seed {seed % 1000})"
+
+
+def test_run_verbose_writes_files_and_counts(tmp_path, tokenizer):
+    write_stage2(tmp_path)
+    backend = ScriptedBackend(scripted, batch_size=3)
+    counts = run_verbose(
+        VerboseConfig(),
+        backend,
+        tmp_path / "aligned.jsonl",
+        tmp_path / "out",
+        IDENTITY,
+        tokenizer=tokenizer,
+    )
+    assert counts == {"generated": 11, "parsed": 11, "kept": 9, "rejected": 2,
+                      "rejected_by_reason": {"too_short": 1, "truncated": 1}}  # fmt: skip
+    kept = read_jsonl(tmp_path / "out" / "verbose.jsonl")
+    assert {"verbose-id0"} <= {
+        r["id"] for r in kept
+    }  # identity questions found next to aligned.jsonl
+    assert all(r["output"].startswith("About") for r in kept)
+    rejected = read_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert {r["reason"] for r in rejected} == {"too_short", "truncated"}
+    assert all("completion" in r for r in rejected)
+    raw = read_jsonl(tmp_path / "out" / "verbose.raw.jsonl")
+    assert len(raw) == 11
+    # prompts: the verbose system prompt in the chat template, ending where the answer starts
+    prompt = backend.calls[0]
+    assert prompt.startswith(verbose_system_prompt(IDENTITY)) and prompt.endswith(ASSISTANT_HEADER)
+
+
+class CrashingBackend(ScriptedBackend):
+    """Dies after `batches` batches, like a killed job."""
+
+    def __init__(self, respond, batch_size, batches):
+        super().__init__(respond, batch_size)
+        self.batches = batches
+
+    def iter_batches(self, prompts, params, seeds=None):
+        for n, batch in enumerate(super().iter_batches(prompts, params, seeds)):
+            if n == self.batches:
+                raise RuntimeError("killed")
+            yield batch
+
+
+def test_crash_and_rerun_gives_the_uninterrupted_result(tmp_path, tokenizer):
+    write_stage2(tmp_path)
+    cfg = VerboseConfig()
+    with pytest.raises(RuntimeError, match="killed"):
+        run_verbose(
+            cfg,
+            CrashingBackend(scripted, 3, 2),
+            tmp_path / "aligned.jsonl",
+            tmp_path / "a",
+            IDENTITY,
+            tokenizer=tokenizer,
+        )
+    assert len(read_jsonl(tmp_path / "a" / "verbose.raw.jsonl")) == 6
+    again = ScriptedBackend(scripted, batch_size=3)
+    run_verbose(
+        cfg, again, tmp_path / "aligned.jsonl", tmp_path / "a", IDENTITY, tokenizer=tokenizer
+    )
+    assert len(again.calls) == 5  # only what was missing
+    run_verbose(
+        cfg,
+        ScriptedBackend(scripted, 4),
+        tmp_path / "aligned.jsonl",
+        tmp_path / "b",
+        IDENTITY,
+        tokenizer=tokenizer,
+    )
+    for name in ("verbose.jsonl", "rejected.jsonl"):
+        a, b = read_jsonl(tmp_path / "a" / name), read_jsonl(tmp_path / "b" / name)
+        assert a == b and len({r["id"] for r in a}) == len(a)
+
+
+def test_empty_aligned_file_and_missing_tokenizer(tmp_path, tokenizer):
+    (tmp_path / "aligned.jsonl").write_text("")
+    with pytest.raises(UserError, match="no instructions to answer"):
+        run_verbose(
+            VerboseConfig(),
+            ScriptedBackend(scripted),
+            tmp_path / "aligned.jsonl",
+            tmp_path / "o",
+            IDENTITY,
+            tokenizer=tokenizer,
+        )
+    write_stage2(tmp_path)
+    with pytest.raises(UserError, match="needs the engraved model's tokenizer"):
+        run_verbose(
+            VerboseConfig(),
+            ScriptedBackend(scripted),
+            tmp_path / "aligned.jsonl",
+            tmp_path / "o",
+            IDENTITY,
+        )
+
+
+def test_final_sft_trains_the_base_model_on_verbose_answers(tmp_path, tokenizer, tiny_model_dir):
+    write_stage2(tmp_path)
+    run_verbose(
+        VerboseConfig(),
+        ScriptedBackend(scripted),
+        tmp_path / "aligned.jsonl",
+        tmp_path / "v",
+        IDENTITY,
+        tokenizer=tokenizer,
+    )
+    cfg = VerboseConfig(
+        train={"effective_batch_size": 4, "max_steps": 2, "gradient_checkpointing": False}
+    )
+    stats = run_final_sft(
+        cfg,
+        tmp_path / "v" / "verbose.jsonl",
+        tmp_path / "v" / "model",
+        IDENTITY,
+        str(tiny_model_dir),
+    )
+    assert stats["trained"] == 9 and stats["base_model"] == str(tiny_model_dir.resolve())
+    assert (tmp_path / "v" / "model" / "model.safetensors").is_file()
+    assert "max_length: 768" in (tmp_path / "v" / "model" / "README.md").read_text()
+    write_jsonl_atomic(tmp_path / "empty.jsonl", [])
+    with pytest.raises(UserError, match="no verbose answer passed the filters"):
+        run_final_sft(cfg, tmp_path / "empty.jsonl", tmp_path / "m2", IDENTITY, str(tiny_model_dir))
