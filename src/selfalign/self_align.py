@@ -48,7 +48,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,6 +68,7 @@ from selfalign.constitution import (
 from selfalign.errors import UserError
 from selfalign.generation import generate_records
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
+from selfalign.shards import Shard, parse_shard
 
 log = logging.getLogger(__name__)
 
@@ -730,31 +731,6 @@ def _read_json_or_jsonl(path: Path) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- shell
-
-
-class Shard(NamedTuple):
-    index: int
-    count: int
-
-    @property
-    def tag(self) -> str:
-        return "" if self.count == 1 else f".shard{self.index}of{self.count}"
-
-
-def parse_shard(value: str | tuple[int, int] | None) -> Shard:
-    """`"i/n"` (0-based, as Slurm array ids and torchrun ranks) -> Shard."""
-    if value is None:
-        return Shard(0, 1)
-    if isinstance(value, tuple):
-        index, count = value
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
-        if not m:
-            raise UserError(f"--shard {value!r}: expected I/N, e.g. 0/4 (0-based)")
-        index, count = int(m[1]), int(m[2])
-    if count < 1 or not 0 <= index < count:
-        raise UserError(f"--shard {index}/{count}: need 0 <= I < N")
-    return Shard(index, count)
 
 
 def load_instructions(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
