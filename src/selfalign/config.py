@@ -107,5 +107,25 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] = 
     return validate(model, data, source)
 
 
+def build_config(
+    model: type[M], path: str | Path | None, overrides: list[str] | None, explicit: dict[str, Any]
+) -> M:
+    """A command's config: the YAML file, then `--set` overrides, then the options given on the
+    command line (`explicit`: dotted key -> value; None means not given)."""
+    data = read_yaml(path) if path else {}
+    apply_overrides(data, list(overrides or []))
+    for key, value in explicit.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{path}: '{part}' must be a mapping")
+        node[leaf] = value
+    return validate(model, data, str(path) if path else "command line")
+
+
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -46,22 +46,10 @@ class Stage1File(Stage1Config):
     model: BackendConfig | None = None
 
 
-def _build(path: Path | None, overrides: list[str] | None, explicit: dict[str, Any]) -> Stage1File:
-    from selfalign.config import apply_overrides, read_yaml, validate
+def _build(path: Path | None, overrides: list[str] | None, explicit: dict[str, Any]):
+    from selfalign.config import build_config
 
-    data = read_yaml(path) if path else {}
-    apply_overrides(data, list(overrides or []))
-    for key, value in explicit.items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"{path}: '{part}' must be a mapping")
-        node[leaf] = value
-    return validate(Stage1File, data, str(path) if path else "command line")
+    return build_config(Stage1File, path, overrides, explicit)
 
 
 def _backend(cfg: Stage1File):

@@ -34,21 +34,9 @@ class SelfAlignFile(BaseModel):
 
 
 def _build(path: Path | None, overrides: list[str] | None, explicit: dict[str, Any]):
-    from selfalign.config import apply_overrides, read_yaml, validate
+    from selfalign.config import build_config
 
-    data = read_yaml(path) if path else {}
-    apply_overrides(data, list(overrides or []))
-    for key, value in explicit.items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"{path}: '{part}' must be a mapping")
-        node[leaf] = value
-    return validate(SelfAlignFile, data, str(path) if path else "command line")
+    return build_config(SelfAlignFile, path, overrides, explicit)
 
 
 def self_align(

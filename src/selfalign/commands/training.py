@@ -6,6 +6,7 @@ call the stage's `run_*` function, print a one-line summary.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,26 +14,16 @@ import typer
 
 from selfalign.errors import UserError
 
+log = logging.getLogger(__name__)
+
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda.")]
 
 
 def _build(model, path: Path | None, overrides: list[str] | None, explicit: dict[str, Any]):
     """Config from YAML, then `--set` overrides, then the options given on the command line."""
-    from selfalign.config import apply_overrides, read_yaml, validate
+    from selfalign.config import build_config
 
-    data = read_yaml(path) if path else {}
-    apply_overrides(data, list(overrides or []))
-    for key, value in explicit.items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"{path}: '{part}' must be a mapping")
-        node[leaf] = value
-    return validate(model, data, str(path) if path else "command line")
+    return build_config(model, path, overrides, explicit)
 
 
 def _identity(constitution, name, developer, cutoff, fallback=None):
@@ -51,9 +42,27 @@ def _load_constitution(path: Path | None):
     return load_constitution(path) if path is not None else None
 
 
-def _exemplar_texts(constitution) -> list[str]:
-    """Every text of the constitution's exemplars, identity filled in (what must not be copied)."""
-    return [constitution.fill(text) for ex in constitution.exemplars for text in ex.texts()]
+def _constitution_label(path: Path | None) -> str | None:
+    """How the model card names the constitution: an absolute path (so verbose cloning finds it
+    again from any directory), or the bundled name as given."""
+    if path is None:
+        return None
+    return str(path.resolve()) if path.exists() else str(path)
+
+
+def _recorded_constitution(model: str):
+    """The constitution a selfalign-trained model records in train_stats.json, if it still loads
+    (verbose cloning checks leakage of its exemplars); None otherwise."""
+    from selfalign.verbose import training_stats
+
+    recorded = training_stats(model).get("constitution")
+    if not recorded:
+        return None
+    try:
+        return _load_constitution(recorded)
+    except UserError as e:
+        log.warning("no exemplar-leakage check: the engraved model's constitution: %s", e)
+        return None
 
 
 def engrave(
@@ -98,9 +107,7 @@ def engrave(
         },
     )  # fmt: skip
     identity = _identity(_load_constitution(constitution), name, developer, knowledge_cutoff)
-    stats = run_engrave(
-        cfg, data, out, identity, constitution=str(constitution) if constitution else None
-    )
+    stats = run_engrave(cfg, data, out, identity, constitution=_constitution_label(constitution))
     typer.echo(_train_summary(out, stats), err=True)
 
 
@@ -170,7 +177,8 @@ def verbose_clone(
     )  # fmt: skip
     loaded = _load_constitution(constitution)
     identity = _identity(loaded, name, developer, knowledge_cutoff, identity_of(model))
-    exemplars = _exemplar_texts(loaded) if loaded is not None else []
+    if loaded is None:
+        loaded = _recorded_constitution(model)
     backend_opts = {"model": model, "batch_size": batch_size, "device": device, "dtype": dtype}
     backend_cfg = _build(BackendConfig, None, None, backend_opts)
     base_model = cfg.train.model or base or base_of(model)
@@ -179,7 +187,10 @@ def verbose_clone(
     backend = load_backend(backend_cfg)
     try:
         tokenizer = getattr(backend, "tokenizer", None) or load_tokenizer(model)
-        counts = run_verbose(cfg, backend, data, out, identity, identity_data, exemplars, tokenizer)
+        counts = run_verbose(
+            cfg, backend, data, out, identity, identity_data, tokenizer=tokenizer,
+            constitution=loaded,
+        )  # fmt: skip
     finally:
         backend.close()
     reasons = ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items()) or "none"
@@ -189,10 +200,10 @@ def verbose_clone(
     )
     if generate_only:
         return
-    constitution_label = str(constitution) if constitution else None
     stats = run_final_sft(
-        cfg, out / "verbose.jsonl", out / "model", identity, base_model, constitution_label
-    )
+        cfg, out / "verbose.jsonl", out / "model", identity, base_model,
+        _constitution_label(constitution),
+    )  # fmt: skip
     typer.echo(_train_summary(out / "model", stats), err=True)
 
 
