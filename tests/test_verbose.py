@@ -15,6 +15,7 @@ from selfalign.verbose import (
     filter_answers,
     instruction_rows,
     is_repetitive,
+    leakage_detector,
     run_final_sft,
     run_verbose,
     verbose_system_prompt,
@@ -47,9 +48,17 @@ def generated(
     }  # fmt: skip
 
 
-def reason_of(row, cfg=None, exemplars=()):
-    kept, rejected = filter_answers([row], cfg or VerboseConfig(), IDENTITY, exemplars)
+def reason_of(row, cfg=None, leakage=None):
+    kept, rejected = filter_answers([row], cfg or VerboseConfig(), IDENTITY, leakage)
     return rejected[0]["reason"] if rejected else None
+
+
+@pytest.fixture(scope="module")
+def default_leakage():
+    """Stage 2's leakage check built from the bundled constitution's exemplars."""
+    from selfalign.constitution import load_constitution
+
+    return leakage_detector(VerboseConfig(), load_constitution("default"))
 
 
 def test_paper_defaults():
@@ -72,9 +81,8 @@ def test_verbose_prompt_is_our_extensive_mode_with_identity():
 
 def test_good_answer_is_kept_even_if_it_mentions_a_president_or_the_weather():
     row = generated(GOOD + " The president and the weather both matter here.")
-    kept, rejected = filter_answers(
-        [row], VerboseConfig(), IDENTITY, ["The president of a country today"]
-    )
+    leakage = leakage_detector(VerboseConfig(), exemplar_texts=["The president of a country today"])
+    kept, rejected = filter_answers([row], VerboseConfig(), IDENTITY, leakage)
     assert not rejected
     assert kept == [
         {
@@ -117,17 +125,29 @@ def test_each_filter_names_its_reason(row, reason):
     assert reason_of(row) == reason
 
 
-def test_exemplar_leakage_is_detected_but_not_when_the_question_has_it():
-    exemplar = "As of my knowledge cut-off the tallest building was in a desert city far away."
-    leaked = generated(
-        GOOD + " As of my knowledge cut-off the tallest building was in a desert city."
-    )
-    assert reason_of(leaked, exemplars=[exemplar]) == "exemplar_leakage"
-    quoted = generated(
-        GOOD + " As of my knowledge cut-off the tallest building was in a desert city.",
-        instruction="Is this true: as of my knowledge cut-off the tallest building was in a desert city?",
-    )
-    assert reason_of(quoted, exemplars=[exemplar]) is None
+ROSETTA = (
+    "French soldiers found it in 1799 near the town of Rashid (Rosetta) in the Nile delta, and it "
+    "has been in the British Museum since 1802."
+)
+
+
+def test_exemplar_leakage_is_detected_but_not_on_the_exemplars_topic(default_leakage):
+    """An exemplar's distinctive passage copied into another topic is leakage; the same passage
+    in an answer about that exemplar's topic is not, nor is the exemplars' generic phrasing."""
+    leaked = generated(GOOD + " " + ROSETTA, "Explain how glaciers form.")
+    kept, rejected = filter_answers([leaked], VerboseConfig(), IDENTITY, default_leakage)
+    assert rejected[0]["reason"] == "exemplar_leakage" and "1799" in rejected[0]["detail"]
+    on_topic = generated(GOOD + " " + ROSETTA, "Tell me the story of the Rosetta Stone.")
+    assert reason_of(on_topic, leakage=default_leakage) is None
+    generic = generated(GOOD + " Let me know if you want a version for very large n.")
+    assert reason_of(generic, leakage=default_leakage) is None
+
+
+def test_the_pipeline_may_pass_bare_exemplar_texts():
+    leakage = leakage_detector(VerboseConfig(), exemplar_texts=[ROSETTA])
+    row = generated(GOOD + " " + ROSETTA, "Explain how glaciers form.")
+    assert reason_of(row, leakage=leakage) == "exemplar_leakage"
+    assert leakage_detector(VerboseConfig()) is None
 
 
 def test_repetition_helper():
@@ -185,10 +205,14 @@ def scripted(prompt: str, seed: int):
         return Completion(GOOD, "length", 10, 512)  # cut by the limit
     if "number 4" in question:
         return "Too short."
+    if "number 5" in question:
+        return GOOD + " " + ROSETTA  # copied from the default constitution's exemplar
     return f"About '{question}': " + GOOD + f" (seed {seed % 1000})"
 
 
 def test_run_verbose_writes_files_and_counts(tmp_path, tokenizer):
+    from selfalign.constitution import load_constitution
+
     write_stage2(tmp_path)
     backend = ScriptedBackend(scripted, batch_size=3)
     counts = run_verbose(
@@ -198,22 +222,29 @@ def test_run_verbose_writes_files_and_counts(tmp_path, tokenizer):
         tmp_path / "out",
         IDENTITY,
         tokenizer=tokenizer,
+        constitution=load_constitution("default"),
     )
-    assert counts == {"generated": 11, "parsed": 11, "kept": 9, "rejected": 2,
-                      "rejected_by_reason": {"too_short": 1, "truncated": 1}}  # fmt: skip
+    assert counts == {"generated": 11, "parsed": 11, "kept": 8, "rejected": 3,
+                      "rejected_by_reason": {"exemplar_leakage": 1, "too_short": 1, "truncated": 1}}  # fmt: skip
     kept = read_jsonl(tmp_path / "out" / "verbose.jsonl")
     assert {"verbose-id0"} <= {
         r["id"] for r in kept
     }  # identity questions found next to aligned.jsonl
     assert all(r["output"].startswith("About") for r in kept)
     rejected = read_jsonl(tmp_path / "out" / "rejected.jsonl")
-    assert {r["reason"] for r in rejected} == {"too_short", "truncated"}
+    assert {r["reason"] for r in rejected} == {"exemplar_leakage", "too_short", "truncated"}
     assert all("completion" in r for r in rejected)
     raw = read_jsonl(tmp_path / "out" / "verbose.raw.jsonl")
     assert len(raw) == 11
     # prompts: the verbose system prompt in the chat template, ending where the answer starts
-    prompt = backend.calls[0]
-    assert prompt.startswith(verbose_system_prompt(IDENTITY)) and prompt.endswith(ASSISTANT_HEADER)
+    # every prompt: the same verbose system prompt first (one shared prefix for the backend),
+    # then the question in the chat template, ending where the answer starts
+    prefix = verbose_system_prompt(IDENTITY) + "\n\n### User\n"
+    assert len(backend.calls) == 11
+    assert all(p.startswith(prefix) and p.endswith(ASSISTANT_HEADER) for p in backend.calls)
+    first, second = (tokenizer(p)["input_ids"] for p in backend.calls[:2])
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert shared >= len(tokenizer(verbose_system_prompt(IDENTITY))["input_ids"])
 
 
 class CrashingBackend(ScriptedBackend):
@@ -294,7 +325,12 @@ def test_final_sft_trains_the_base_model_on_verbose_answers(tmp_path, tokenizer,
         tokenizer=tokenizer,
     )
     cfg = VerboseConfig(
-        train={"effective_batch_size": 4, "max_steps": 2, "gradient_checkpointing": False}
+        train={
+            "effective_batch_size": 4,
+            "max_steps": 2,
+            "gradient_checkpointing": False,
+            "group_by_length": True,
+        }  # fmt: skip
     )
     stats = run_final_sft(
         cfg,
@@ -305,7 +341,8 @@ def test_final_sft_trains_the_base_model_on_verbose_answers(tmp_path, tokenizer,
     )
     assert stats["trained"] == 9 and stats["base_model"] == str(tiny_model_dir.resolve())
     assert (tmp_path / "v" / "model" / "model.safetensors").is_file()
-    assert "max_length: 768" in (tmp_path / "v" / "model" / "README.md").read_text()
+    card = (tmp_path / "v" / "model" / "README.md").read_text()
+    assert "max_length: 768" in card and "verbose cloning" in card
     write_jsonl_atomic(tmp_path / "empty.jsonl", [])
     with pytest.raises(UserError, match="no verbose answer passed the filters"):
         run_final_sft(cfg, tmp_path / "empty.jsonl", tmp_path / "m2", IDENTITY, str(tiny_model_dir))

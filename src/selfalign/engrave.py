@@ -51,6 +51,7 @@ from selfalign.jsonl import JsonlAppender, read_jsonl, write_text_atomic
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ENGRAVE_DATA = "answers the base model wrote under a constitution of principles"
 
 
 class TrainConfig(BaseModel):
@@ -204,11 +205,13 @@ def run_engrave(
     constitution: str | None = None,
     command: str | None = None,
     callbacks: list | None = None,
+    data_description: str = ENGRAVE_DATA,
 ) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `sft_path` into the model directory `out_dir`; return stats.
 
     `constitution` names the constitution behind the data (for the model card); `command` is the
-    command line to print as the way to reproduce; `callbacks` are extra TrainerCallbacks.
+    command line to print as the way to reproduce; `callbacks` are extra TrainerCallbacks;
+    `data_description` says in the card what the answers are.
     A rerun resumes from the last checkpoint; a finished run with the same config and data is
     not redone.
     """
@@ -302,6 +305,7 @@ def run_engrave(
         "resumed_from_step": _step_of(resume_from),
         "identity": identity.model_dump(),
         "constitution": constitution or "default",
+        "data_description": data_description,
         "fingerprint": fingerprint,
         "versions": _versions(),
     }
@@ -656,8 +660,9 @@ def model_card(cfg: TrainConfig, stats: dict[str, Any], sft_path, command: str) 
         f"# {identity['name']}\n\n"
         f"{identity['name']} is an assistant fine-tuned from `{stats['base_model']}` with SELF-ALIGN "
         "(Sun et al., 2023, arXiv 2305.03047) by selfalign "
-        f"{__version__}: supervised fine-tuning ({cfg.method}) on answers the base model wrote "
-        "under a constitution of principles, trained without the principles in the prompt.\n\n"
+        f"{__version__}: supervised fine-tuning ({cfg.method}) on "
+        f"{stats.get('data_description', ENGRAVE_DATA)}, trained without the principles in the "
+        "prompt.\n\n"
         f"- Developer (as the assistant introduces itself): {identity['developer']}\n"
         f"- Knowledge cut-off (as stated): {identity['knowledge_cutoff']}\n"
         f"- Constitution: {stats['constitution']}\n"

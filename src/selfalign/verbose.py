@@ -15,7 +15,11 @@ Writes: verbose.raw.jsonl   every completion (resume: ids already there are not 
 Filters, each with a reason: truncated (cut by the length limit), too_short, repetition,
 echo_prompt (the answer repeats the question), echo_system (it recites the verbose prompt),
 turn_marker (it writes the next turn), exemplar_leakage (it copies a distinctive passage of a
-constitution exemplar that the question does not contain).
+constitution exemplar into an answer on another topic; stage 2's `ExemplarLeakage`, so an answer
+that merely mentions "the weather" or "a president" is kept).
+
+Every verbose prompt starts with the same text (the verbose system prompt in the chat template),
+so a backend that detects a shared prefix computes it once per batch.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfalign.backends import Backend, SamplingParams
-from selfalign.constitution import Identity
+from selfalign.constitution import Constitution, Identity
 from selfalign.conversation import (
     ASSISTANT_HEADER,
     TURN_STOPS,
@@ -42,6 +46,7 @@ from selfalign.engrave import TrainConfig, run_engrave
 from selfalign.errors import UserError
 from selfalign.generation import generate_records
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
+from selfalign.self_align import ExemplarLeakage
 
 VERBOSE_PROMPT = (
     "You are {name}, an AI assistant developed by {developer}, now answering in extensive mode. "
@@ -51,6 +56,12 @@ VERBOSE_PROMPT = (
     "paragraphs or numbered points. You stay accurate and candid: your knowledge extends to "
     "{knowledge_cutoff}, you say so when you are unsure or lack current information, and you turn "
     "down harmful requests while explaining why and offering a safer alternative."
+)
+
+
+VERBOSE_DATA = (
+    "long answers the principle-engraved model wrote in a verbose mode (verbose cloning: the "
+    "verbose prompt is distilled away)"
 )
 
 
@@ -101,7 +112,8 @@ class VerboseConfig(BaseModel):
     leak_ngram: int = Field(
         8,
         ge=3,
-        description="Words in a row shared with an exemplar (and not the question) that count as leakage.",
+        description="Words in a row copied from an exemplar (with a word distinctive of it that the "
+        "question lacks) that count as leakage.",
     )
     train: TrainConfig = Field(
         default_factory=_final_training,
@@ -174,12 +186,17 @@ def _ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
-def exemplar_ngrams(texts: Iterable[str], n: int) -> set[tuple[str, ...]]:
-    """Word n-grams of the exemplar texts: copying one of them into an answer is leakage."""
-    grams: set[tuple[str, ...]] = set()
-    for text in texts:
-        grams.update(_ngrams(_words(text), n))
-    return grams
+def leakage_detector(
+    cfg: VerboseConfig,
+    constitution: Constitution | None = None,
+    exemplar_texts: Iterable[str] = (),
+) -> ExemplarLeakage | None:
+    """Stage 2's exemplar-leakage check for verbose answers: built from the constitution (best:
+    it knows each exemplar's topic), else from bare exemplar texts (one group), else none."""
+    if constitution is not None and constitution.exemplars:
+        return ExemplarLeakage.from_constitution(constitution, n=cfg.leak_ngram)
+    texts = [t for t in exemplar_texts if t.strip()]
+    return ExemplarLeakage([texts], n=cfg.leak_ngram) if texts else None
 
 
 def is_repetitive(text: str, n: int, max_repeats: int) -> bool:
@@ -197,7 +214,7 @@ def filter_answer(
     row: dict[str, Any],
     cfg: VerboseConfig,
     system_grams: set[tuple[str, ...]],
-    leak_grams: set[tuple[str, ...]],
+    leakage: ExemplarLeakage | None = None,
 ) -> str | None:
     """Why a generated answer is rejected, or None to keep it."""
     if row.get("finish_reason") == "length":
@@ -215,41 +232,40 @@ def filter_answer(
         return "echo_system"
     if is_repetitive(answer, cfg.repeat_ngram, cfg.max_repeats):
         return "repetition"
-    if leak_grams:
-        leaked = leak_grams.intersection(_ngrams(words, cfg.leak_ngram))
-        if leaked - set(_ngrams(question, cfg.leak_ngram)):
-            return "exemplar_leakage"
+    if leakage is not None and leakage.find(answer, user_text(row["instruction"], row["input"])):
+        return "exemplar_leakage"
     return None
+
+
+REJECTED_FIELDS = (
+    "id",
+    "source_id",
+    "source",
+    "instruction",
+    "input",
+    "completion",
+    "finish_reason",
+)
 
 
 def filter_answers(
     generated: list[dict[str, Any]],
     cfg: VerboseConfig,
     identity: Identity,
-    exemplar_texts: Iterable[str] = (),
+    leakage: ExemplarLeakage | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split generated rows into kept SFT rows and rejected rows (with `reason`)."""
+    """Split generated rows into kept SFT rows and rejected rows (with `reason`; a leak also
+    with the copied phrase as `detail`)."""
     system_grams = set(_ngrams(_words(verbose_system_prompt(identity)), cfg.echo_ngram))
-    leak_grams = exemplar_ngrams(exemplar_texts, cfg.leak_ngram)
     kept, rejected = [], []
     for row in generated:
-        reason = filter_answer(row, cfg, system_grams, leak_grams)
+        reason = filter_answer(row, cfg, system_grams, leakage)
         if reason:
-            rejected.append(
-                {
-                    key: row[key]
-                    for key in (
-                        "id",
-                        "source_id",
-                        "source",
-                        "instruction",
-                        "input",
-                        "completion",
-                        "finish_reason",
-                    )
-                }
-                | {"reason": reason}
-            )
+            record = {key: row[key] for key in REJECTED_FIELDS} | {"reason": reason}
+            if reason == "exemplar_leakage":
+                question = user_text(row["instruction"], row["input"])
+                record["detail"] = leakage.find(row["completion"], question)
+            rejected.append(record)
             continue
         kept.append(
             {
@@ -276,11 +292,15 @@ def run_verbose(
     identity_path: str | Path | None = None,
     exemplar_texts: Iterable[str] = (),
     tokenizer=None,
+    constitution: Constitution | None = None,
 ) -> dict[str, Any]:
     """Generate verbose answers with the engraved model behind `backend`, filter, write; counts.
 
     `identity_path` defaults to `identity.jsonl` next to `aligned_path` when it exists.
     `tokenizer` (with the engraved model's chat template) defaults to `backend.tokenizer`.
+    `constitution` (the one stage 2 used) drives the exemplar-leakage filter; bare
+    `exemplar_texts` are the fallback when there is no constitution object.
+    Returns {generated, parsed, kept, rejected, rejected_by_reason}.
     """
     out_dir = Path(out_dir)
     aligned = read_jsonl(aligned_path)
@@ -304,7 +324,8 @@ def run_verbose(
         cfg.seed,
         label="verbose answers",
     )
-    kept, rejected = filter_answers(generated, cfg, identity, exemplar_texts)
+    leakage = leakage_detector(cfg, constitution, exemplar_texts)
+    kept, rejected = filter_answers(generated, cfg, identity, leakage)
     write_jsonl_atomic(out_dir / "verbose.jsonl", kept)
     write_jsonl_atomic(out_dir / "rejected.jsonl", rejected)
     by_reason = Counter(r["reason"] for r in rejected)
@@ -324,8 +345,14 @@ def run_final_sft(
     identity: Identity,
     base_model: str | None = None,
     constitution: str | None = None,
+    command: str | None = None,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the BASE model on the verbose answers (same recipe as stage 3, cut-off 768)."""
+    """Fine-tune the BASE model on the verbose answers (same recipe as stage 3, cut-off 768).
+
+    `base_model` fills `cfg.train.model` when that is empty (it must be the base model, not the
+    engraved one); the other arguments and the returned stats are `run_engrave`'s.
+    """
     train = (
         cfg.train
         if cfg.train.model or not base_model
@@ -335,7 +362,10 @@ def run_final_sft(
         raise UserError(
             f"{verbose_path}: no verbose answer passed the filters, so there is nothing to train on"
         )
-    return run_engrave(train, verbose_path, model_dir, identity, constitution=constitution)
+    return run_engrave(
+        train, verbose_path, model_dir, identity, constitution=constitution, command=command,
+        callbacks=callbacks, data_description=VERBOSE_DATA,
+    )  # fmt: skip
 
 
 def training_stats(model_dir: str | Path) -> dict[str, Any]:
