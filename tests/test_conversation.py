@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from selfalign.constitution import Identity
@@ -202,3 +204,60 @@ def test_sft_row_to_messages():
 def test_bad_sft_rows_name_the_problem(row, message):
     with pytest.raises(UserError, match=message):
         check_sft_row(row, "sft.jsonl: record 1")
+
+
+# -- system prompts from files or text; ShareGPT rows -------------------------------------------
+
+REF = Path(__file__).resolve().parents[2] / "shared/reference/dromedary-v1"
+
+
+def test_system_prompt_from_a_file_or_text(tmp_path):
+    from selfalign.conversation import check_variants
+
+    (tmp_path / "mine.txt").write_text(
+        "# {name}\n\nMade by {developer}; code: {x: 1}.\n\n### User\n"
+    )
+    assert system_prompt(IDENTITY, str(tmp_path / "mine.txt")) == (
+        "# Quokka\n\nMade by the Lab; code: {x: 1}."  # trailing user label dropped
+    )
+    assert system_prompt(IDENTITY, "You are {name}, be brief.") == "You are Quokka, be brief."
+    with pytest.raises(UserError, match="missing.txt: file not found"):
+        check_variants(["standard", str(tmp_path / "missing.txt")])
+    with pytest.raises(UserError, match="choose from standard, concise, or give a prompt file"):
+        check_variants(["standrad"])
+
+
+def test_template_default_is_the_first_system_prompt(tiny_model_dir):
+    from selfalign.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    install_chat_template(tok, IDENTITY, system_prompt(IDENTITY, "concise"))
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False)
+    assert text == "<s>" + system_prompt(IDENTITY, "concise") + USER_HEADER + "Hi?"
+
+
+@pytest.mark.skipif(not REF.is_dir(), reason="reference files not available")
+def test_original_distill_prompts_load_as_system_prompts(tokenizer):
+    for name in ("standard", "concise"):
+        path = REF / f"prompts/inference_prompts/dromedary_{name}_prompt_distill.txt"
+        text = system_prompt(IDENTITY, str(path))
+        assert text.startswith("# Dromedary") and not text.endswith("User")
+        messages = [{"role": "system", "content": text}, {"role": "user", "content": "Hi"}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert rendered.endswith(text + USER_HEADER + "Hi")
+
+
+def test_sharegpt_rows():
+    from selfalign.conversation import sharegpt_messages
+
+    row = {"id": "identity_0", "conversations": [
+        {"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": " I am Quokka. "},
+        {"from": "human", "value": "What can you do?"}, {"from": "gpt", "value": "Chat."}]}  # fmt: skip
+    check_sft_row(row, "f")
+    messages = sft_messages(row, IDENTITY, ["standard"], 0)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[2]["content"] == "I am Quokka."
+    with pytest.raises(UserError, match=r"conversations\[0\] is from 'bot'"):
+        sharegpt_messages([{"from": "bot", "value": "x"}], "f")
+    with pytest.raises(UserError, match="no assistant turn"):
+        check_sft_row({"id": 1, "conversations": [{"from": "human", "value": "q"}]}, "f")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -298,3 +299,34 @@ def test_duplicate_ids_and_bad_config(tmp_path):
         load_sft_rows(tmp_path / "sft.jsonl")
     with pytest.raises(UserError, match="no base model given"):
         run_engrave(TrainConfig(), tmp_path / "sft.jsonl", tmp_path / "m", IDENTITY)
+
+
+REF = Path(__file__).resolve().parents[2] / "shared/reference/dromedary-v1"
+
+
+def test_json_array_and_sharegpt_rows(tmp_path):
+    (tmp_path / "sft.json").write_text(json.dumps([
+        {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "b", "instruction": "Q", "output": "A"}]))  # fmt: skip
+    assert [r["id"] for r in load_sft_rows(tmp_path / "sft.json")] == ["a", "b"]
+    (tmp_path / "bad.json").write_text('{"id": 1}')
+    with pytest.raises(UserError, match="bad.json: expected a JSON array"):
+        load_sft_rows(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(UserError, match="broken.json: not valid JSON"):
+        load_sft_rows(tmp_path / "broken.json")
+
+
+@pytest.mark.skipif(not REF.is_dir(), reason="reference files not available")
+def test_original_identity_data_trains_without_crashing(tiny_model_dir):
+    """The original ShareGPT identity file (which crashed the original training) loads as is."""
+    from selfalign.conversation import install_chat_template, sft_messages
+    from selfalign.modeling import load_tokenizer
+
+    rows = load_sft_rows(REF / "dummy_data/vicuna_dummy_data.json")
+    assert len(rows) == 910
+    tok = load_tokenizer(str(tiny_model_dir))
+    install_chat_template(tok, IDENTITY)
+    conversations = [sft_messages(r, IDENTITY, ["standard", "concise"], 0) for r in rows[:50]]
+    kept, counts = fit_examples(conversations, tok, 512, "truncate")
+    assert counts["trained"] == 50 and all(m[-1]["role"] == "assistant" for m in kept)

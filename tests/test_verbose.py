@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from selfalign.backends import Completion
@@ -346,3 +348,25 @@ def test_final_sft_trains_the_base_model_on_verbose_answers(tmp_path, tokenizer,
     write_jsonl_atomic(tmp_path / "empty.jsonl", [])
     with pytest.raises(UserError, match="no verbose answer passed the filters"):
         run_final_sft(cfg, tmp_path / "empty.jsonl", tmp_path / "m2", IDENTITY, str(tiny_model_dir))
+
+
+REF = Path(__file__).resolve().parents[2] / "shared/reference/dromedary-v1"
+
+
+@pytest.mark.skipif(not REF.is_dir(), reason="reference files not available")
+def test_original_verbose_prompt_file_is_the_shared_prefix(tmp_path, tokenizer):
+    original = REF / "prompts/verbose_dromedary_prompt.txt"
+    cfg = VerboseConfig(verbose_prompt=str(original))
+    write_stage2(tmp_path, 3)
+    backend = ScriptedBackend(scripted, batch_size=4)
+    run_verbose(
+        cfg, backend, tmp_path / "aligned.jsonl", tmp_path / "o", IDENTITY, tokenizer=tokenizer
+    )
+    head = original.read_text().rstrip().removesuffix("### User").rstrip()
+    assert all(p.startswith(head + "\n\n### User\n") for p in backend.calls)
+    # an answer reciting the prompt's example is an echo of the system prompt
+    recital = generated(GOOD + " My primary function is to assist users in answering questions, "
+                        "generating text, and engaging in conversation.")  # fmt: skip
+    assert reason_of(recital, cfg) == "echo_system"
+    with pytest.raises(UserError, match="verbose prompt nothere.txt: file not found"):
+        verbose_system_prompt(IDENTITY, "nothere.txt")

@@ -23,12 +23,22 @@ The rendered text of one conversation is::
 The assistant text and its EOS sit inside `{% generation %}` ... `{% endgeneration %}`, which is
 how TRL's `assistant_only_loss` finds the tokens to train: the model learns its answers and
 learns to stop, and never learns to write the user's turns. A conversation without a system
-message gets the standard system prompt, baked into the template.
+message gets the first configured system prompt (the standard one by default), baked into the
+template.
+
+A system prompt is given as a variant name (`standard`, `concise`), a prompt file (`.txt`, `.md`:
+e.g. the original Dromedary "prompt distill" files; a trailing `### User` label is dropped, the
+template writes it), or the text itself. SFT rows are `{id, instruction, input, output}`,
+`{id, messages: [{role, content}]}`, or ShareGPT `{id, conversations: [{from, value}]}` (the
+format of the original identity data).
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import re
+from pathlib import Path
 from typing import Any
 
 from selfalign.backends import row_seed
@@ -51,21 +61,65 @@ SYSTEM_PROMPTS = {
 DEFAULT_VARIANT = "standard"
 
 
-def system_prompt(identity: Identity, variant: str = DEFAULT_VARIANT) -> str:
-    """The system prompt `variant` filled in with the assistant's identity."""
-    if variant not in SYSTEM_PROMPTS:
+PROMPT_FILE_SUFFIXES = (".txt", ".md")
+IDENTITY_PLACEHOLDER = re.compile(r"\{(name|developer|knowledge_cutoff)\}")
+# the user label a raw prompt file ends with (the template writes its own)
+TRAILING_USER_LABEL = re.compile(r"\s*(?:#+\s*User|User:)\s*$")
+
+
+def fill_identity(text: str, identity: Identity) -> str:
+    """Replace {name}, {developer}, {knowledge_cutoff}; other braces (code) are left alone."""
+    values = identity.model_dump()
+    return IDENTITY_PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def prompt_text(spec: str, identity: Identity, named: dict[str, str], what: str) -> str:
+    """A prompt given as a name in `named`, a prompt file, or the text itself; identity filled.
+
+    A spec that looks like a path (a known suffix or a '/') must be a file, so a mistyped path is
+    an error rather than a system prompt that reads like a path.
+    """
+    spec = spec.strip()
+    if spec in named:
+        text = named[spec]
+    elif spec.endswith(PROMPT_FILE_SUFFIXES) or "/" in spec:
+        text = _read_prompt_file(spec, what)
+    elif " " in spec:
+        text = spec
+    else:
         raise UserError(
-            f"system prompt variant {variant!r}: choose from {', '.join(SYSTEM_PROMPTS)}"
+            f"{what} variant {spec!r}: choose from {', '.join(named)}, "
+            "or give a prompt file (.txt/.md) or the prompt text itself"
         )
-    return SYSTEM_PROMPTS[variant].format(**identity.model_dump())
+    return fill_identity(text, identity)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_prompt_file(spec: str, what: str) -> str:
+    path = Path(spec).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} {spec}: file not found") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {spec}: cannot read it as text ({type(e).__name__})") from None
+    text = TRAILING_USER_LABEL.sub("", text).strip()
+    if not text:
+        raise UserError(f"{what} {spec}: the file is empty")
+    return text
+
+
+def system_prompt(identity: Identity, variant: str = DEFAULT_VARIANT) -> str:
+    """The system prompt `variant` (a name, a prompt file or text) with the assistant's identity."""
+    return prompt_text(variant, identity, SYSTEM_PROMPTS, "system prompt")
 
 
 def check_variants(variants: list[str]) -> None:
+    """Every system prompt spec resolves (files exist, names are known), or a UserError."""
     if not variants:
         raise UserError("system_prompts: give at least one variant (e.g. standard)")
     for v in variants:
-        if v not in SYSTEM_PROMPTS:
-            raise UserError(f"system prompt variant {v!r}: choose from {', '.join(SYSTEM_PROMPTS)}")
+        system_prompt(Identity(), v)
 
 
 def choose_variant(variants: list[str], seed: int, key: str | int) -> str:
@@ -73,9 +127,11 @@ def choose_variant(variants: list[str], seed: int, key: str | int) -> str:
     return random.Random(row_seed(seed, f"system:{key}")).choice(variants)
 
 
-def chat_template(identity: Identity) -> str:
-    """The Jinja chat template for this assistant (its standard system prompt is the default)."""
-    default_system = system_prompt(identity, DEFAULT_VARIANT)
+def chat_template(identity: Identity, default_system: str | None = None) -> str:
+    """The Jinja chat template for this assistant; a conversation without a system message gets
+    `default_system` (default: the standard system prompt)."""
+    if default_system is None:
+        default_system = system_prompt(identity, DEFAULT_VARIANT)
     # {% raw %} keeps any braces in the name or developer literal.
     return (
         "{%- set default_system %}{% raw %}" + default_system + "{% endraw %}{% endset -%}\n"
@@ -104,13 +160,13 @@ def chat_template(identity: Identity) -> str:
     )
 
 
-def install_chat_template(tokenizer, identity: Identity) -> None:
+def install_chat_template(tokenizer, identity: Identity, default_system: str | None = None) -> None:
     """Give `tokenizer` our template (replacing any other) and make sure it can end a turn."""
     if tokenizer.eos_token is None:
         raise UserError("the tokenizer has no EOS token, so the model could not learn to stop")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = chat_template(identity)
+    tokenizer.chat_template = chat_template(identity, default_system)
 
 
 def user_text(instruction: str, input_text: str = "") -> str:
@@ -123,11 +179,15 @@ SFT_FIELDS = ("id", "instruction", "output")
 
 
 def check_sft_row(row: dict[str, Any], where: str) -> None:
-    """A row has an id and either `messages` or a non-empty instruction and output."""
+    """A row has an id and `messages`, ShareGPT `conversations`, or a non-empty instruction and
+    output."""
     if row.get("id") is None:
         raise UserError(f"{where}: missing field 'id'")
     if "messages" in row:
         _check_messages(row["messages"], where)
+        return
+    if "conversations" in row:
+        _check_messages(sharegpt_messages(row["conversations"], where), where)
         return
     for field in ("instruction", "output"):
         if field not in row:
@@ -155,16 +215,40 @@ def _check_messages(messages: Any, where: str) -> None:
         raise UserError(f"{where}: 'messages' has no assistant turn to train on")
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}  # fmt: skip
+
+
+def sharegpt_messages(conversations: Any, where: str = "record") -> list[dict[str, str]]:
+    """ShareGPT turns (`{from: human|gpt|system, value}`) as chat messages."""
+    if not isinstance(conversations, list) or not conversations:
+        raise UserError(
+            f"{where}: field 'conversations' must be a non-empty list of {{from, value}}"
+        )
+    messages = []
+    for n, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise UserError(f"{where}: conversations[{n}] needs a string 'value'")
+        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise UserError(
+                f"{where}: conversations[{n}] is from {turn.get('from')!r}; use human, gpt or system"
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
 def sft_messages(
     row: dict[str, Any], identity: Identity, variants: list[str], seed: int
 ) -> list[dict[str, str]]:
     """An SFT row as chat messages with a seeded system prompt variant.
 
-    Rows are `{id, instruction, input, output, ...}` (stage 2 and 4 outputs) or `{id, messages}`
-    (multi-turn); a system message already in `messages` is kept.
+    Rows are `{id, instruction, input, output, ...}` (stage 2 and 4 outputs), `{id, messages}` or
+    `{id, conversations}` (multi-turn); a system message already in the row is kept.
     """
-    if "messages" in row:
-        turns = [{"role": m["role"], "content": m["content"].strip()} for m in row["messages"]]
+    if "messages" in row or "conversations" in row:
+        given = row["messages"] if "messages" in row else sharegpt_messages(row["conversations"])
+        turns = [{"role": m["role"], "content": m["content"].strip()} for m in given]
     else:
         turns = [
             {"role": "user", "content": user_text(row["instruction"], row.get("input") or "")},

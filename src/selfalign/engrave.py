@@ -101,7 +101,9 @@ class TrainConfig(BaseModel):
     )
     system_prompts: list[str] = Field(
         default_factory=lambda: ["standard", "concise"],
-        description="System prompt variants, one sampled per example (seeded by id).",
+        description="System prompts, one sampled per example (seeded by id): variant names "
+        "(standard, concise), prompt files (.txt/.md) or texts; the first is the chat template's "
+        "default.",
     )
     seed: int = Field(
         42, description="Seeds data order, dropout, LoRA init and system prompt choice."
@@ -133,8 +135,9 @@ class TrainConfig(BaseModel):
 
 
 def load_sft_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The SFT records of `path`, each checked; a bad one is a UserError naming file and record."""
-    rows = read_jsonl(path)
+    """The SFT records of `path` (JSONL, or a JSON array such as the original ShareGPT identity
+    data), each checked; a bad one is a UserError naming file and record."""
+    rows = _read_json_array(path) if str(path).endswith(".json") else read_jsonl(path)
     if not rows:
         raise UserError(f"{path}: no records to train on (the file is empty)")
     seen: set[Any] = set()
@@ -144,6 +147,18 @@ def load_sft_rows(path: str | Path) -> list[dict[str, Any]]:
             raise UserError(f"{path}: record {n}: duplicate id {row['id']!r}")
         seen.add(row["id"])
     return rows
+
+
+def _read_json_array(path: str | Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8") or "[]")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected a JSON array of records (or use JSONL)")
+    return data
 
 
 def prompt_budget(tokenizer, identity: Identity, variants: list[str]) -> int:
@@ -242,7 +257,7 @@ def run_engrave(
     # 1. Data: rows -> conversations with a seeded system prompt, cut to the cut-off (counted).
     rows = load_sft_rows(sft_path)
     tokenizer = load_tokenizer(model_name, cfg.trust_remote_code)
-    install_chat_template(tokenizer, identity)
+    install_chat_template(tokenizer, identity, system_prompt(identity, cfg.system_prompts[0]))
     budget = prompt_budget(tokenizer, identity, cfg.system_prompts)
     if budget >= cfg.max_length:
         raise UserError(
@@ -498,7 +513,8 @@ def _fingerprint(cfg: TrainConfig, identity: Identity, sft_path: str | Path) -> 
     settings = cfg.model_dump(
         exclude={"resume", "keep_checkpoints", "logging_steps", "save_total_limit"}
     )
-    digest.update(json.dumps([settings, identity.model_dump()], sort_keys=True).encode())
+    systems = [system_prompt(identity, v) for v in cfg.system_prompts]  # prompt files' contents
+    digest.update(json.dumps([settings, identity.model_dump(), systems], sort_keys=True).encode())
     try:
         digest.update(Path(sft_path).read_bytes())
     except FileNotFoundError:

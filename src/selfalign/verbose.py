@@ -39,6 +39,7 @@ from selfalign.conversation import (
     TURN_STOPS,
     USER_HEADER,
     prompt_messages,
+    prompt_text,
     render_prompt,
     user_text,
 )
@@ -65,8 +66,12 @@ VERBOSE_DATA = (
 )
 
 
-def verbose_system_prompt(identity: Identity) -> str:
-    return VERBOSE_PROMPT.format(**identity.model_dump())
+def verbose_system_prompt(identity: Identity, spec: str | None = None) -> str:
+    """The verbose system prompt: ours by default, or `spec` (a prompt file such as the original
+    `dromedary_verbose_prompt.txt`, or the text itself), with the identity filled in."""
+    return prompt_text(
+        spec or "extensive", identity, {"extensive": VERBOSE_PROMPT}, "verbose prompt"
+    )
 
 
 def _verbose_sampling() -> SamplingParams:
@@ -92,6 +97,12 @@ class VerboseConfig(BaseModel):
     sampling: SamplingParams = Field(
         default_factory=_verbose_sampling,
         description="Paper defaults: temperature 0.3, top-p 0.7, 512 tokens, 3-gram 1.0 and 4-gram 2.0 penalties.",
+    )
+    verbose_prompt: str | None = Field(
+        None,
+        description="Verbose system prompt: None for ours (an 'extensive' mode), a prompt file "
+        "(.txt/.md, e.g. the original dromedary_verbose_prompt.txt) or the text itself; "
+        "{name}, {developer}, {knowledge_cutoff} are filled in.",
     )
     include_identity: bool = Field(True, description="Also answer the identity questions.")
     max_instructions: int | None = Field(
@@ -160,9 +171,11 @@ def instruction_rows(
     return out
 
 
-def add_prompts(rows: list[dict[str, Any]], tokenizer, identity: Identity) -> list[dict[str, Any]]:
+def add_prompts(
+    rows: list[dict[str, Any]], tokenizer, identity: Identity, verbose_prompt: str | None = None
+) -> list[dict[str, Any]]:
     """Each row with `prompt`: the verbose system prompt and the question in the chat template."""
-    system = verbose_system_prompt(identity)
+    system = verbose_system_prompt(identity, verbose_prompt)
     return [
         {
             **row,
@@ -256,7 +269,8 @@ def filter_answers(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split generated rows into kept SFT rows and rejected rows (with `reason`; a leak also
     with the copied phrase as `detail`)."""
-    system_grams = set(_ngrams(_words(verbose_system_prompt(identity)), cfg.echo_ngram))
+    system = verbose_system_prompt(identity, cfg.verbose_prompt)
+    system_grams = set(_ngrams(_words(system), cfg.echo_ngram))
     kept, rejected = [], []
     for row in generated:
         reason = filter_answer(row, cfg, system_grams, leakage)
@@ -315,7 +329,8 @@ def run_verbose(
             "verbose cloning needs the engraved model's tokenizer (for its chat template)"
         )
 
-    rows = add_prompts(instruction_rows(aligned, identity_rows, cfg), tokenizer, identity)
+    questions = instruction_rows(aligned, identity_rows, cfg)
+    rows = add_prompts(questions, tokenizer, identity, cfg.verbose_prompt)
     generated = generate_records(
         backend,
         rows,
