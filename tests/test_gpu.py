@@ -1,0 +1,98 @@
+"""The CUDA code paths (skipped without a GPU; CI has none, the CPU tests cover the same logic).
+
+Run on a GPU machine with `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+PROMPTS = [
+    "Instruction: Write a short poem about the sea.\nInput:",
+    "User: What is the capital of France?\nAssistant:",
+    "def add(a, b):",
+    "Science explains the world: water boils at",
+    "?",
+]
+PREFIX = "Consider the following principles carefully before you answer. " * 30
+
+
+def cuda_backend(model_dir, dtype, batch_size=4, share_prefix=True):
+    from selfalign.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend.load(str(model_dir), device="cuda", dtype=dtype, batch_size=1)
+    return TransformersBackend(backend.model, backend.tokenizer, batch_size, share_prefix)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_shared_prefix_greedy_is_exact_on_cuda(tiny_model_dir, batch_size):
+    from selfalign.backends import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    prompts = [PREFIX + p for p in PROMPTS]
+    shared = cuda_backend(tiny_model_dir, "float32", batch_size)
+    got = shared.generate(prompts, greedy)
+    assert shared.last_shared_prefix >= 100
+    plain = cuda_backend(tiny_model_dir, "float32", 1, share_prefix=False).generate(prompts, greedy)
+    assert [c.text for c in got] == [c.text for c in plain]
+
+
+def test_bf16_generation_with_every_control(tiny_model_dir):
+    from selfalign.backends import SamplingParams
+
+    backend = cuda_backend(tiny_model_dir, "auto")
+    assert backend.model.dtype in (torch.bfloat16, torch.float16)
+    params = SamplingParams(
+        temperature=0.7,
+        top_p=0.9,
+        max_tokens=24,
+        seed=3,
+        logit_bias={backend.tokenizer.eos_token_id: -100},
+        ngram_penalties={3: 1.0, 4: 2.0},
+        stop=["\n\n"],
+    )
+    prompts = [PREFIX + p for p in PROMPTS]
+    first = backend.generate(prompts, params)
+    assert backend.generate(prompts, params) == first  # seeded sampling is reproducible
+    assert all(
+        c.finish_reason in ("stop", "length") and 0 < c.completion_tokens <= 24 for c in first
+    )
+
+
+def test_engrave_on_cuda_trains_in_half_precision(tiny_model_dir, tmp_path):
+    from selfalign.constitution import Identity
+    from selfalign.engrave import TrainConfig, run_engrave
+    from selfalign.jsonl import write_jsonl_atomic
+
+    rows = [
+        {"id": f"r{i}", "instruction": f"Tell me about topic {i}.", "output": f"Topic {i} is fine."}
+        for i in range(16)
+    ]
+    write_jsonl_atomic(tmp_path / "sft.jsonl", rows)
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        effective_batch_size=8,
+        micro_batch_size=4,
+        max_steps=20,
+        learning_rate=3e-2,
+        warmup_steps=2,
+        logging_steps=1,
+        seed=0,
+    )
+    identity = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
+    run_engrave(cfg, tmp_path / "sft.jsonl", tmp_path / "model", identity)
+    log = [json.loads(line) for line in (tmp_path / "model/training_log.jsonl").open()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    stats = json.loads((tmp_path / "model/train_stats.json").read_text())
+    assert stats.get("precision") in ("bf16", "fp16"), stats
+    assert (tmp_path / "model/model.safetensors").is_file()
