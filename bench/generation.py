@@ -7,7 +7,8 @@ The job: one shared prefix of >= 1,500 tokens (like the constitution + exemplars
 suffix of 20-80 tokens per prompt (the instruction), 64 new tokens, greedy, EOS suppressed so
 every row decodes the same number of tokens. Each method runs in its own subprocess so its peak
 RSS is its own; both run in this one invocation and the table prints their ratio. The greedy
-texts of both methods must be identical. A dated section is appended to bench/RESULTS.md.
+texts of both methods must be identical in float32 (bf16: see `same`). A dated section is
+appended to bench/RESULTS.md. On CUDA each method runs the job once untimed first (warm-up).
 """
 
 from __future__ import annotations
@@ -96,28 +97,40 @@ def run_method(args) -> dict:
     _, prompts = make_job(tok, args.prompts, args.prefix_tokens)
     eos = tok.eos_token_id
     n_params = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
     if args.method == "plain":
         tok.padding_side = "left"
-        texts = []
-        for i in range(0, len(prompts), args.batch_size):
-            batch = tok(prompts[i : i + args.batch_size], return_tensors="pt", padding=True).to(
-                device
-            )
-            out = model.generate(
-                **batch,
-                max_new_tokens=args.new_tokens,
-                do_sample=False,
-                suppress_tokens=[eos],
-                pad_token_id=tok.pad_token_id,
-            )
-            texts += tok.batch_decode(
-                out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-            )
+
+        def run() -> list[str]:
+            texts = []
+            for i in range(0, len(prompts), args.batch_size):
+                batch = tok(prompts[i : i + args.batch_size], return_tensors="pt", padding=True).to(
+                    device
+                )
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    suppress_tokens=[eos],
+                    pad_token_id=tok.pad_token_id,
+                )
+                texts += tok.batch_decode(
+                    out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+            return texts
     else:
-        backend = TransformersBackend(model, tok, batch_size=args.batch_size)
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, logit_bias={eos: -1e9})
-        texts = [c.text for c in backend.generate(prompts, params)]
+
+        def run() -> list[str]:  # a fresh backend: the timed run computes its shared prefix too
+            backend = TransformersBackend(model, tok, batch_size=args.batch_size)
+            return [c.text for c in backend.generate(prompts, params)]
+
+    if device.startswith("cuda"):
+        # CUDA builds kernels and attention plans on first use of each shape: time the second run
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    texts = run()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -160,6 +173,18 @@ def child(args, method: str, batch_size: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def same(plain: dict, ours: dict) -> str:
+    """'yes' when every greedy text is identical, else how many rows are.
+
+    In float32 they must all be identical. In bf16 the two methods multiply matrices of different
+    shapes (full prompts vs prefix + suffix), so rounding differs and near-tied logits of a
+    randomly initialised model can flip; tests/test_gpu.py checks exactness on CUDA in float32.
+    """
+    pairs = list(zip(plain["texts"], ours["texts"], strict=True))
+    hits = sum(a == b for a, b in pairs)
+    return "yes" if hits == len(pairs) else f"{hits}/{len(pairs)} rows"
+
+
 def versions() -> str:
     import torch
     import transformers
@@ -196,7 +221,7 @@ def main() -> None:
             rows.append((bs, plain, ours))
             print(
                 f"batch {bs}: plain {plain['tokens_per_s']:.1f} tok/s, ours {ours['tokens_per_s']:.1f} tok/s, "
-                f"x{ours['tokens_per_s'] / plain['tokens_per_s']:.2f}, identical={plain['texts'] == ours['texts']}",
+                f"x{ours['tokens_per_s'] / plain['tokens_per_s']:.2f}, identical: {same(plain, ours)}",
                 flush=True,
             )
     params = rows[0][1]["params"]
@@ -215,7 +240,7 @@ def main() -> None:
         )
         if gpu:
             line += f" {plain['peak_gpu_mib']:.0f} / {ours['peak_gpu_mib']:.0f} |"
-        line += f" {'yes' if plain['texts'] == ours['texts'] else 'NO'} |"
+        line += f" {same(plain, ours)} |"
         lines.append(line)
     table = "\n".join(lines)
     print(table)
@@ -234,7 +259,7 @@ def main() -> None:
             )
         with results.open("a") as f:
             f.write(section)
-    if any(plain["texts"] != ours["texts"] for _, plain, ours in rows):
+    if args.dtype == "float32" and any(plain["texts"] != ours["texts"] for _, plain, ours in rows):
         raise SystemExit("greedy outputs differ between plain generate and selfalign")
 
 
