@@ -107,3 +107,14 @@ def test_report_has_every_section_and_image(tmp_path):
 def test_report_of_an_empty_run(tmp_path):
     page = write_report(tmp_path / "empty").read_text()
     assert "Nothing yet" in page
+
+
+def test_principle_citations_use_stage_2_names(tmp_path):
+    from selfalign.report import _citations
+
+    rows = [{"principles": [1, 3]}, {"principles": [3]}]
+    assert _citations(tmp_path, rows) == {"3": 2, "1": 1}
+    (tmp_path / "2_self_align").mkdir()
+    histogram = {"1 (ethical)": 1, "2 (informative)": 0, "3 (helpful)": 2}
+    (tmp_path / "2_self_align/stats.json").write_text(json.dumps({"citations": histogram}))
+    assert _citations(tmp_path, rows) == histogram

@@ -118,6 +118,21 @@ def _funnels(run: Path) -> str:
     return "".join(figures)
 
 
+def _citations(run: Path, aligned: list[dict[str, Any]]) -> dict[str, int]:
+    """Principle -> kept answers citing it: stage 2's histogram ('3 (helpful)', every principle)
+    when its stats.json is there, else counted from the rows."""
+    stats = run / "2_self_align" / "stats.json"
+    if stats.exists():
+        try:
+            histogram = json.loads(stats.read_text()).get("citations")
+        except (json.JSONDecodeError, AttributeError):
+            histogram = None
+        if isinstance(histogram, dict) and any(histogram.values()):
+            return histogram
+    counts = Counter(str(p) for r in aligned for p in (r.get("principles") or []))
+    return dict(counts.most_common())
+
+
 def _losses(run: Path) -> str:
     figures = []
     for folder in ("3_engrave", "4_verbose"):
@@ -229,12 +244,12 @@ def build_report(run: str | Path) -> str:
             _section("Lengths", f'<div class="grid">{"".join(lengths)}</div>', "lengths")
         )
 
-    citations = Counter(p for r in aligned for p in (r.get("principles") or []))
+    citations = _citations(run, aligned)
     if citations:
         sections.append(
             _section(
                 "Principle citations",
-                _bars(dict(citations.most_common()), "principles cited in internal thoughts"),
+                _bars(citations, "principles cited in internal thoughts"),
                 "principles",
             )
         )
