@@ -61,6 +61,20 @@ def test_version_and_help():
     assert "generate" in run("--help").stdout
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["chat", "some/model", "--max-tokens", "40"], "No such option"),
+        (["generate", "--batch-size", "many"], "Invalid value"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_usage_errors_are_messages_not_tracebacks(args, message):
+    proc = run(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_generate_outputs_in_input_order_with_carried_fields(tiny_model_dir, tmp_path):
     inp = write_prompts(tmp_path / "in.jsonl", 12, topic="sea")
     gen(tiny_model_dir, inp, tmp_path / "out.jsonl", "--temperature", "0", "--max-tokens", "6")
