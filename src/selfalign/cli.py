@@ -145,7 +145,9 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.TyperException as e:  # usage errors (unknown option, bad value) in non-standalone mode
+    except (
+        typer.TyperException
+    ) as e:  # usage errors (unknown option, bad value) in non-standalone mode
         if not hasattr(e, "show"):
             raise
         e.show()
