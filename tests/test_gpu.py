@@ -69,30 +69,21 @@ def test_bf16_generation_with_every_control(tiny_model_dir):
 
 
 def test_engrave_on_cuda_trains_in_half_precision(tiny_model_dir, tmp_path):
-    from selfalign.constitution import Identity
-    from selfalign.engrave import TrainConfig, run_engrave
+    from test_engrave import IDENTITY, sft_rows, tiny_config
+
+    from selfalign.engrave import run_engrave
     from selfalign.jsonl import write_jsonl_atomic
 
-    rows = [
-        {"id": f"r{i}", "instruction": f"Tell me about topic {i}.", "output": f"Topic {i} is fine."}
-        for i in range(16)
-    ]
-    write_jsonl_atomic(tmp_path / "sft.jsonl", rows)
-    cfg = TrainConfig(
-        model=str(tiny_model_dir),
-        effective_batch_size=8,
-        micro_batch_size=4,
-        max_steps=20,
-        learning_rate=3e-2,
-        warmup_steps=2,
-        logging_steps=1,
-        seed=0,
+    write_jsonl_atomic(tmp_path / "sft.jsonl", sft_rows(16))
+    run_engrave(
+        tiny_config(tiny_model_dir, max_steps=20),
+        tmp_path / "sft.jsonl",
+        tmp_path / "model",
+        IDENTITY,
     )
-    identity = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
-    run_engrave(cfg, tmp_path / "sft.jsonl", tmp_path / "model", identity)
     log = [json.loads(line) for line in (tmp_path / "model/training_log.jsonl").open()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < losses[0]
     stats = json.loads((tmp_path / "model/train_stats.json").read_text())
-    assert stats.get("precision") in ("bf16", "fp16"), stats
+    assert stats["precision"] in ("bf16", "fp16"), stats
     assert (tmp_path / "model/model.safetensors").is_file()
