@@ -84,3 +84,16 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     write_jsonl_atomic(path, [{"id": 2}])
     assert read_jsonl(path) == [{"id": 2}]
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.jsonl"]
+
+
+def test_atomic_write_gives_files_the_usual_mode(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_jsonl_atomic(tmp_path / "a.jsonl", [{"id": 1}])
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
