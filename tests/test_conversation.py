@@ -36,7 +36,7 @@ def tokenizer(tiny_model_dir):
 def test_system_prompts_name_the_identity_and_no_principles():
     for variant in ("standard", "concise"):
         text = system_prompt(IDENTITY, variant)
-        assert "Quokka" in text and "the Lab" in text and "2024-01" in text
+        assert "Quokka" in text and "the Lab" in text and "January 2024" in text
         assert len(text.split()) < 40  # short: the principles are engraved, not prompted
     with pytest.raises(UserError, match="variant 'verbose'"):
         system_prompt(IDENTITY, "verbose")

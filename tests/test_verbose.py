@@ -77,7 +77,7 @@ def test_paper_defaults():
 
 def test_verbose_prompt_is_our_extensive_mode_with_identity():
     text = verbose_system_prompt(IDENTITY)
-    assert "extensive" in text and "Quokka" in text and "the Lab" in text and "2024-01" in text
+    assert "extensive" in text and "Quokka" in text and "the Lab" in text and "January 2024" in text
     assert text != system_prompt(IDENTITY)
 
 

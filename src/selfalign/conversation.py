@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from selfalign.backends import row_seed
-from selfalign.constitution import Identity
+from selfalign.constitution import Identity, fill_identity
 from selfalign.errors import UserError
 
 USER_HEADER = "\n\n### User\n"
@@ -62,15 +62,8 @@ DEFAULT_VARIANT = "standard"
 
 
 PROMPT_FILE_SUFFIXES = (".txt", ".md")
-IDENTITY_PLACEHOLDER = re.compile(r"\{(name|developer|knowledge_cutoff)\}")
 # the user label a raw prompt file ends with (the template writes its own)
 TRAILING_USER_LABEL = re.compile(r"\s*(?:#+\s*User|User:)\s*$")
-
-
-def fill_identity(text: str, identity: Identity) -> str:
-    """Replace {name}, {developer}, {knowledge_cutoff}; other braces (code) are left alone."""
-    values = identity.model_dump()
-    return IDENTITY_PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
 def prompt_text(spec: str, identity: Identity, named: dict[str, str], what: str) -> str:
