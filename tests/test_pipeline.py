@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,17 +132,48 @@ def test_override_on_the_command_line(tmp_path, tiny_model_dir):
 # -- whole runs ------------------------------------------------------------------------------------
 
 
+def record_progress(monkeypatch) -> dict[str, list[str]]:
+    """Replace the progress bars by a recorder: label -> every status line shown."""
+    from contextlib import contextmanager
+
+    statuses: dict[str, list[str]] = {}
+
+    class Bar:
+        active = True
+
+        def __init__(self, label):
+            self.label = label
+
+        def advance(self, n=1, status=""):
+            statuses.setdefault(self.label, []).append(status)
+
+    @contextmanager
+    def recording(label, total):
+        yield Bar(label)
+
+    monkeypatch.setattr("selfalign.generation.progress_bar", recording)
+    return statuses
+
+
 @pytest.mark.slow
 def test_full_run_skips_refuses_and_forces(tmp_path, tiny_model_dir, monkeypatch):
     import pipeline_fakes
 
     pipeline_fakes.install(monkeypatch)
+    statuses = record_progress(monkeypatch)
     config = write_config(tmp_path, tiny_model_dir)
     run = tmp_path / "run"
     manifest = run_pipeline(load_pipeline_config(config)).data
     for stage, entry in manifest["stages"].items():
         assert entry["status"] == "done", stage
         assert entry["seconds"] >= 0 and entry["outputs"]
+    # the progress bars counted kept and rejected rows as they came, with the stages' own filters
+    last = {label: progress[-1] for label, progress in statuses.items()}
+    assert {"self-instruct", "topics epoch 0", "tgrt questions", "self-align"} <= set(last)
+    tallies = {label: tuple(map(int, re.match(r"(\d+) ok, (\d+) rejected, \d+ tok/s", status).groups()))
+               for label, status in last.items()}  # fmt: skip
+    assert tallies["self-align"][0] == manifest["stages"]["self_align"]["counts"]["kept"]
+    assert tallies["verbose answers"][0] == manifest["stages"]["verbose"]["counts"]["kept"]
     assert manifest["stages"]["instructions"]["counts"]["kept"] > 0
     assert manifest["stages"]["self_align"]["counts"]["kept"] > 0
     assert manifest["stages"]["verbose"]["counts"]["kept"] > 0

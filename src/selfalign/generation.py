@@ -5,12 +5,14 @@ Each input record needs an `id` and a `prompt`; the output record is the input p
 `completion`, `finish_reason`, `prompt_tokens` and `completion_tokens`. Records whose id is
 already in the output file are skipped, so a killed job rerun continues where it stopped. Each
 row's random stream comes from `(seed, id)`, so the text does not depend on batching or resume.
+A stage may pass a `tally` (a generated row -> how many items it yields that pass the stage's
+filters, and how many it rejects) so the progress bar shows both as rows arrive.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,16 @@ from selfalign.backends.base import PromptTooLong
 from selfalign.errors import UserError
 from selfalign.jsonl import JsonlAppender
 from selfalign.progress import progress_bar
+
+# a generated row -> (items that pass the stage's filters, items rejected), for the progress bar
+Tally = Callable[[dict[str, Any]], tuple[int, int]]
+
+
+def verdicts(reasons: Iterable[str | None]) -> tuple[int, int]:
+    """(passed, rejected) from one rejection reason (or None) per item."""
+    reasons = list(reasons)
+    passed = sum(r is None for r in reasons)
+    return passed, len(reasons) - passed
 
 
 def check_records(
@@ -46,6 +58,7 @@ def generate_records(
     prompt_key: str = "prompt",
     label: str = "generating",
     store_prompt: bool = True,
+    tally: Tally | None = None,
 ) -> list[dict[str, Any]]:
     """Complete every record not yet in `output`; return all output records in input order.
 
@@ -55,17 +68,17 @@ def generate_records(
     with JsonlAppender(output) as out:
         todo = [r for r in records if r["id"] not in out.ids]
         if todo:
-            _run(backend, todo, params, out, seed, prompt_key, label, store_prompt)
+            _run(backend, todo, params, out, seed, prompt_key, label, store_prompt, tally)
         by_id = {r["id"]: r for r in out.records}
     return [by_id[r["id"]] for r in records if r["id"] in by_id]
 
 
 def _run(
-    backend, todo, params, out: JsonlAppender, seed, prompt_key, label, store_prompt=True
+    backend, todo, params, out: JsonlAppender, seed, prompt_key, label, store_prompt, tally
 ) -> None:
     prompts = [r[prompt_key] for r in todo]
     seeds = [row_seed(seed, r["id"]) for r in todo]
-    started, tokens = time.perf_counter(), 0
+    started, tokens, passed, rejected = time.perf_counter(), 0, 0, 0
     with progress_bar(label, total=len(todo)) as bar:
         try:
             for batch in backend.iter_batches(prompts, params, seeds):
@@ -86,6 +99,12 @@ def _run(
                     tokens += c.completion_tokens
                 out.write_batch(rows)
                 rate = tokens / max(time.perf_counter() - started, 1e-9)
-                bar.advance(len(rows), f"{rate:.0f} tok/s")
+                status = f"{rate:.0f} tok/s"
+                if tally is not None and bar.active:
+                    for row in rows:
+                        p, r = tally(row)
+                        passed, rejected = passed + p, rejected + r
+                    status = f"{passed} ok, {rejected} rejected, {status}"
+                bar.advance(len(rows), status)
         except PromptTooLong as e:
             raise UserError(f"record {todo[e.index]['id']!r}: {e}") from None

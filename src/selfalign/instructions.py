@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfalign.backends import Backend, SamplingParams, row_seed
 from selfalign.errors import UserError
-from selfalign.generation import generate_records
+from selfalign.generation import Tally, generate_records, verdicts
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.novelty import NoveltyPool
 from selfalign.shards import Shard, parse_shard
@@ -331,7 +331,9 @@ def _params(sampling: SamplingParams, suppress_eos: bool, backend: Backend) -> S
     return sampling.model_copy(update={"logit_bias": {**bias, **sampling.logit_bias}})
 
 
-def _generate(backend, records, params, raw_path: Path, seed: int, label: str) -> list[dict]:
+def _generate(
+    backend, records, params, raw_path: Path, seed: int, label: str, tally: Tally
+) -> list[dict]:
     """`generate_records`, first refusing a raw file written for other prompts (changed seeds,
     prompt files or settings): mixing the two would make a run no one could reproduce."""
     if raw_path.exists():
@@ -343,7 +345,7 @@ def _generate(backend, records, params, raw_path: Path, seed: int, label: str) -
                     "(seeds, prompt file or settings changed); use a new output directory or "
                     "delete this file"
                 )
-    return generate_records(backend, records, params, raw_path, seed=seed, label=label)
+    return generate_records(backend, records, params, raw_path, seed=seed, label=label, tally=tally)
 
 
 def _reject(step: str, reason: str, key: str, prompt_id: str, **fields: Any) -> dict:
@@ -454,6 +456,16 @@ def run_self_instruct(
     blocklist = blocklist_patterns(cfg.blocklist)
     pool = NoveltyPool(cfg.similarity_threshold, [t["instruction"] for t in seeds])
 
+    def tally(row: dict) -> tuple[int, int]:  # parse + cheap filters (novelty comes per round)
+        candidates = parse_self_instruct(
+            row["completion"], cfg.num_prompt_instructions, row["finish_reason"]
+        )
+        return verdicts(
+            c.reason
+            or check_instruction(c.instruction, c.input, cfg.min_words, cfg.max_words, blocklist)
+            for c in candidates
+        )
+
     kept: list[dict] = []
     rejected: list[dict] = []
     prompts = generated = parsed = rounds = 0
@@ -468,7 +480,7 @@ def run_self_instruct(
             for r in range(rounds, rounds + ahead)
             for row in _self_instruct_round(cfg, seeds, meta, shard.tag, r)
         ]
-        done = _generate(backend, records, params, raw_path, cfg.seed, "self-instruct")
+        done = _generate(backend, records, params, raw_path, cfg.seed, "self-instruct", tally)
         by_round: dict[int, list[dict]] = {}
         for row in done:
             by_round.setdefault(row["round"], []).append(row)
@@ -658,6 +670,11 @@ def run_topics(
     params = _params(cfg.sampling, cfg.suppress_eos, backend)
     raw_path = out_dir / f"{TOPICS}.raw.jsonl"
 
+    def tally(row: dict) -> tuple[int, int]:  # parse + topic rules (duplicates come later)
+        results = parse_topics(row["completion"], row["shown"], row["finish_reason"],
+                               cfg.max_topics_per_prompt, cfg.max_words)  # fmt: skip
+        return verdicts(reason for _, reason in results)
+
     types = list(dict.fromkeys(s["question_type"] for s in seeds))
     pool: dict[str, list[str]] = {t: [] for t in types}
     seen: set[tuple[str, str]] = set()
@@ -678,7 +695,8 @@ def run_topics(
     prompts = generated = parsed = 0
     for epoch in range(cfg.epochs):
         records = _topic_prompts(cfg, template, types, pool, epoch)
-        done = _generate(backend, records, params, raw_path, cfg.seed, f"topics epoch {epoch}")
+        label = f"topics epoch {epoch}"
+        done = _generate(backend, records, params, raw_path, cfg.seed, label, tally)
         prompts += len(done)
         for row in done:
             results = parse_topics(row["completion"], row["shown"], row["finish_reason"],
@@ -914,6 +932,12 @@ def run_questions(
     raw_path = out_dir / f"{QUESTIONS}{shard.tag}.raw.jsonl"
     n_examples = min(cfg.num_examples, len(examples_pool))
 
+    def tally(row: dict) -> tuple[int, int]:
+        hints = [tuple(h) for h in row["hints"]]
+        results = parse_questions(row["completion"], row["examples"], hints, row["finish_reason"],
+                                  cfg.min_words, cfg.max_words)  # fmt: skip
+        return verdicts(q.reason for q in results)
+
     attempted = _attempted_hints(out_dir)
     groups = plan_question_groups(
         question_pairs(topics, cfg),
@@ -931,7 +955,7 @@ def run_questions(
         records.append(
             {"id": gid, "prompt": prompt, "hints": [list(h) for h in hints], "examples": examples}
         )
-    done = _generate(backend, records, params, raw_path, cfg.seed, "tgrt questions")
+    done = _generate(backend, records, params, raw_path, cfg.seed, "tgrt questions", tally)
     # completions of groups no longer planned (made from an earlier topics file) still count
     planned = {r["id"] for r in records}
     done += [r for r in read_jsonl(raw_path) if r["id"] not in planned]

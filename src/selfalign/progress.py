@@ -15,6 +15,10 @@ class _Bar:
     def __init__(self, progress, task):
         self._progress, self._task = progress, task
 
+    @property
+    def active(self) -> bool:
+        return self._progress is not None
+
     def advance(self, n: int = 1, status: str = "") -> None:
         if self._progress is not None:
             self._progress.update(self._task, advance=n, status=status)

@@ -66,7 +66,7 @@ from selfalign.constitution import (
     user_message,
 )
 from selfalign.errors import UserError
-from selfalign.generation import generate_records
+from selfalign.generation import generate_records, verdicts
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
 from selfalign.shards import Shard, parse_shard
 
@@ -836,11 +836,19 @@ def run_self_align(
     del done
     bias = apology_bias(cfg, backend)
     params = sampling_params(cfg, c, bias)
+    leakage = ExemplarLeakage.from_constitution(c, cfg.leak_ngram, cfg.leak_min_distinctive)
+
+    def tally(r: dict[str, Any]) -> tuple[int, int]:  # the final filters, for the progress bar
+        question = user_message(r["instruction"], r.get("input") or "")
+        return verdicts(
+            [judge(c, cfg, leakage, r["completion"], r["finish_reason"], question).reason]
+        )
+
     # in chunks: the backend tokenizes its whole job at once, and the prompts are long
     for start in range(0, len(todo), cfg.chunk_size):
         generate_records(
             backend, prompt_records(c, todo[start : start + cfg.chunk_size]), params, raw_path,
-            seed=cfg.seed, label="self-align", store_prompt=False,
+            seed=cfg.seed, label="self-align", store_prompt=False, tally=tally,
         )  # fmt: skip
     extra = {"shard": f"{shard.index}/{shard.count}", "apology_bias_tokens": len(bias)}
     stats = _finalize(cfg, instructions_path, out_dir, wait_for_shards=shard.count > 1)

@@ -45,7 +45,7 @@ from selfalign.conversation import (
 )
 from selfalign.engrave import TrainConfig, run_engrave
 from selfalign.errors import UserError
-from selfalign.generation import generate_records
+from selfalign.generation import generate_records, verdicts
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.self_align import ExemplarLeakage
 
@@ -261,6 +261,11 @@ REJECTED_FIELDS = (
 )
 
 
+def _system_grams(cfg: VerboseConfig, identity: Identity) -> set[tuple[str, ...]]:
+    system = verbose_system_prompt(identity, cfg.verbose_prompt)
+    return set(_ngrams(_words(system), cfg.echo_ngram))
+
+
 def filter_answers(
     generated: list[dict[str, Any]],
     cfg: VerboseConfig,
@@ -269,8 +274,7 @@ def filter_answers(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split generated rows into kept SFT rows and rejected rows (with `reason`; a leak also
     with the copied phrase as `detail`)."""
-    system = verbose_system_prompt(identity, cfg.verbose_prompt)
-    system_grams = set(_ngrams(_words(system), cfg.echo_ngram))
+    system_grams = _system_grams(cfg, identity)
     kept, rejected = [], []
     for row in generated:
         reason = filter_answer(row, cfg, system_grams, leakage)
@@ -331,6 +335,8 @@ def run_verbose(
 
     questions = instruction_rows(aligned, identity_rows, cfg)
     rows = add_prompts(questions, tokenizer, identity, cfg.verbose_prompt)
+    leakage = leakage_detector(cfg, constitution, exemplar_texts)
+    system_grams = _system_grams(cfg, identity)
     generated = generate_records(
         backend,
         rows,
@@ -338,8 +344,8 @@ def run_verbose(
         out_dir / "verbose.raw.jsonl",
         cfg.seed,
         label="verbose answers",
+        tally=lambda row: verdicts([filter_answer(row, cfg, system_grams, leakage)]),
     )
-    leakage = leakage_detector(cfg, constitution, exemplar_texts)
     kept, rejected = filter_answers(generated, cfg, identity, leakage)
     write_jsonl_atomic(out_dir / "verbose.jsonl", kept)
     write_jsonl_atomic(out_dir / "rejected.jsonl", rejected)
