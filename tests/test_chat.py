@@ -3,11 +3,10 @@ stages 3 -> 4 -> chat end to end through the CLI."""
 
 from __future__ import annotations
 
-import io
 import shutil
-import sys
 
 import pytest
+from cli_run import run_main as cli
 
 from selfalign.backends import SamplingParams
 from selfalign.backends.scripted import ScriptedBackend
@@ -180,20 +179,6 @@ def test_answer_is_batched_resumable_and_uses_the_template(tmp_path, loaded):
 
 
 # -- the CLI, end to end ---------------------------------------------------------------------------
-
-
-def cli(monkeypatch, capsys, *args, stdin: str = "") -> tuple[int, str, str]:
-    from selfalign.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        main()  # returns on success; exits (code 2) on a user error
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_answer_command(chat_model_dir, tmp_path, monkeypatch, capsys):

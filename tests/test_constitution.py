@@ -3,11 +3,11 @@ original watson prompt as a raw template, citations, and `selfalign constitution
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_run import run_cli
 
 from selfalign.constitution import (
     Identity,
@@ -23,20 +23,6 @@ from selfalign.errors import UserError
 
 WATSON = Path(__file__).resolve().parents[2] / "shared/reference/dromedary-v1/prompts/watson_self_align_prompt.txt"  # fmt: skip
 needs_watson = pytest.mark.skipif(not WATSON.exists(), reason="reference prompt not available")
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`selfalign ARGS` in-process: (exit status, stdout + stderr)."""
-    from selfalign.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    try:
-        main()
-        status = 0
-    except SystemExit as e:
-        status = e.code or 0
-    out = capsys.readouterr()
-    return status, out.out + out.err
 
 
 def small(**changes) -> dict:

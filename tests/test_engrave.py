@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run_main as cli
 
 from selfalign.constitution import Identity
 from selfalign.conversation import ASSISTANT_HEADER
@@ -243,20 +243,11 @@ def test_cutoff_truncation_is_counted_not_silent(tiny_model_dir):
 # -- bad input: one line, naming the problem -------------------------------------------------------
 
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from selfalign.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr().err
-
-
 def test_sft_file_with_missing_field(tiny_model_dir, tmp_path, monkeypatch, capsys):
     rows = sft_rows(3)
     del rows[1]["output"]
     write_jsonl_atomic(tmp_path / "sft.jsonl", rows)
-    code, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir),
+    code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir),
                     "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
     assert code == 2
     assert err.strip().count("\n") == 0
@@ -265,7 +256,7 @@ def test_sft_file_with_missing_field(tiny_model_dir, tmp_path, monkeypatch, caps
 
 def test_empty_sft_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "sft.jsonl").write_text("")
-    code, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir),
+    code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir),
                     "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
     assert code == 2 and err.strip().count("\n") == 0
     assert "sft.jsonl: no records to train on (the file is empty)" in err
@@ -273,7 +264,7 @@ def test_empty_sft_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
 
 def test_cutoff_shorter_than_system_prompt(tiny_model_dir, tmp_path, monkeypatch, capsys):
     write_jsonl_atomic(tmp_path / "sft.jsonl", sft_rows(2))
-    code, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir), "--max-length", "12",
+    code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir), "--max-length", "12",
                     "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
     assert code == 2 and err.strip().count("\n") == 0
     assert "max_length 12 is shorter than the system prompt" in err
@@ -285,7 +276,7 @@ def test_qlora_without_cuda(tiny_model_dir, tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     write_jsonl_atomic(tmp_path / "sft.jsonl", sft_rows(2))
-    code, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir), "--method", "qlora",
+    code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir), "--method", "qlora",
                     "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
     assert code == 2 and err.strip().count("\n") == 0
     assert "method qlora needs a CUDA GPU" in err

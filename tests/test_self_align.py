@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_run import run_cli
 
 from selfalign.backends import Completion
 from selfalign.backends.scripted import ScriptedBackend
@@ -551,19 +552,6 @@ def test_config_is_strict_and_documented():
         SelfAlignConfig(temprature=0.3)
     for name, f in SelfAlignConfig.model_fields.items():
         assert f.description, name
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from selfalign.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    try:
-        main()
-        status = 0
-    except SystemExit as e:
-        status = e.code or 0
-    out = capsys.readouterr()
-    return status, out.out + out.err
 
 
 def test_cli_finalize_and_errors(tmp_path, monkeypatch, capsys):
