@@ -97,3 +97,13 @@ def test_atomic_write_gives_files_the_usual_mode(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_read_records_takes_jsonl_or_a_json_array(tmp_path):
+    from selfalign.jsonl import read_records
+
+    (tmp_path / "a.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
+    (tmp_path / "b.txt").write_text('[{"id": 1}, {"id": 2}]')
+    assert read_records(tmp_path / "a.jsonl") == read_records(tmp_path / "b.txt")
+    with pytest.raises(UserError, match="nothere.json: file not found"):
+        read_records(tmp_path / "nothere.json")

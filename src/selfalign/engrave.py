@@ -46,7 +46,7 @@ from selfalign.conversation import (
     system_prompt,
 )
 from selfalign.errors import UserError
-from selfalign.jsonl import JsonlAppender, read_jsonl, write_text_atomic
+from selfalign.jsonl import JsonlAppender, read_records, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class TrainConfig(BaseModel):
 def load_sft_rows(path: str | Path) -> list[dict[str, Any]]:
     """The SFT records of `path` (JSONL, or a JSON array such as the original ShareGPT identity
     data), each checked; a bad one is a UserError naming file and record."""
-    rows = _read_json_array(path) if str(path).endswith(".json") else read_jsonl(path)
+    rows = read_records(path)
     if not rows:
         raise UserError(f"{path}: no records to train on (the file is empty)")
     seen: set[Any] = set()
@@ -147,18 +147,6 @@ def load_sft_rows(path: str | Path) -> list[dict[str, Any]]:
             raise UserError(f"{path}: record {n}: duplicate id {row['id']!r}")
         seen.add(row["id"])
     return rows
-
-
-def _read_json_array(path: str | Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8") or "[]")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise UserError(f"{path}: expected a JSON array of records (or use JSONL)")
-    return data
 
 
 def prompt_budget(tokenizer, identity: Identity, variants: list[str]) -> int:

@@ -57,6 +57,25 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return _scan(Path(path))[0]
 
 
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file, or of a JSON array of objects (a `.json` file, or any file that
+    starts with '[': e.g. ShareGPT data such as the original Dromedary identity file)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    if path.suffix != ".json" and not text.lstrip().startswith("["):
+        return read_jsonl(path)
+    try:
+        data = json.loads(text or "[]")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected a JSON array of records (or use JSONL)")
+    return data
+
+
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     yield from read_jsonl(path)
 

@@ -67,7 +67,7 @@ from selfalign.constitution import (
 )
 from selfalign.errors import UserError
 from selfalign.generation import generate_records, verdicts
-from selfalign.jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
+from selfalign.jsonl import read_jsonl, read_records, write_jsonl_atomic, write_text_atomic
 from selfalign.shards import Shard, parse_shard
 
 log = logging.getLogger(__name__)
@@ -674,7 +674,7 @@ def load_identity_conversations(
     one per JSONL line) as SFT rows: each user turn and the reply after it, names replaced
     (`replace`: old name -> template with {name}/{developer}/...), exact duplicates dropped."""
     path = Path(path)
-    records = _read_json_or_jsonl(path)
+    records = read_records(path)
     swaps = sorted((replace or {}).items(), key=lambda kv: -len(kv[0]))
     swaps = [
         (re.compile(rf"(?<!\w){re.escape(o)}(?!\w)"), fill_identity(n, identity)) for o, n in swaps
@@ -715,19 +715,6 @@ def _pairs(turns: list[Any], where: str) -> list[tuple[str, str]]:
         if role in _HUMAN and isinstance(nxt, dict) and str(nxt.get("from", "")).lower() in _BOT:
             pairs.append((turn["value"], str(nxt.get("value", ""))))
     return pairs
-
-
-def _read_json_or_jsonl(path: Path) -> list[Any]:
-    if not path.exists():
-        raise UserError(f"{path}: identity conversations file not found")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: malformed JSON ({e})") from None
-        return data
-    return read_jsonl(path)
 
 
 # ----------------------------------------------------------------------------- shell
