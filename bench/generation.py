@@ -88,8 +88,8 @@ def run_method(args) -> dict:
     """One method in this process: returns throughput, peak RSS and the texts."""
     import torch
 
-    from selfalign.backends import SamplingParams
-    from selfalign.backends.transformers_backend import TransformersBackend
+    from selfalign.generation import SamplingParams
+    from selfalign.generation.transformers_backend import TransformersBackend
     from selfalign.modeling import load_model
 
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 Runs the self-instruct novelty loop (each candidate against the seeds and every instruction kept
 so far; reject when ROUGE-L F1 > 0.7) twice on the same generated instructions: once with
-`selfalign.novelty.NoveltyPool`, once with `rouge_score.rouge_scorer._score_lcs` on pre-tokenised
+`selfalign.text.novelty.NoveltyPool`, once with `rouge_score.rouge_scorer._score_lcs` on pre-tokenised
 instructions (the fastest use of rouge-score, as the original scripts did, minus their process
 pool). Checks that every decision and score agrees, prints both times and the speed ratio, and
 adds a table to the "## Novelty filter" section of bench/RESULTS.md.
@@ -57,7 +57,7 @@ def make_pool(n: int, seed: int) -> list[str]:
 
 
 def run_ours(seeds, candidates, threshold):
-    from selfalign.novelty import NoveltyPool
+    from selfalign.text.novelty import NoveltyPool
 
     start = time.perf_counter()
     pool = NoveltyPool(threshold, seeds)
@@ -98,7 +98,7 @@ def machine() -> str:
 SECTION = "## Novelty filter"
 INTRO = (
     "`bench/novelty.py`: the self-instruct novelty loop (each candidate against the seeds and every "
-    "instruction kept so far; rejected when ROUGE-L F1 > 0.7) run by `selfalign.novelty.NoveltyPool` "
+    "instruction kept so far; rejected when ROUGE-L F1 > 0.7) run by `selfalign.text.novelty.NoveltyPool` "
     "and by `rouge_score.rouge_scorer._score_lcs` on pre-tokenised instructions (one process), on "
     "the same synthetic pool. Every decision and every max F1 must be identical. Newest last."
 )
@@ -147,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.seeds is None:
-        from selfalign.instructions import load_seed_tasks
+        from selfalign.stages.stage1_instructions import load_seed_tasks
 
         seeds = [t["instruction"] for t in load_seed_tasks()]
         candidates = make_pool(args.pool, args.seed)
@@ -187,7 +187,7 @@ def main() -> None:
         print(f"{name:>20}: {value}")
     print(f"{'target':>20}: >= 100x")
     if same_decisions != len(ours) or same_scores != len(ours):
-        raise SystemExit("MISMATCH between selfalign.novelty and rouge-score")
+        raise SystemExit("MISMATCH between selfalign.text.novelty and rouge-score")
     if not args.no_record:
         record(Path(__file__).with_name("RESULTS.md"), row, command)
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train.py                 # CPU, ~30M-parameter model built locally
 
-Runs `selfalign.engrave.run_engrave` twice on the same synthetic SFT file (answers of very
+Runs `selfalign.stages.stage3_engrave.run_engrave` twice on the same synthetic SFT file (answers of very
 different lengths, as stage 2 produces) with the same settings except `group_by_length`, and
 reports real (non-padding) tokens per second from the training log, and the share of padding
 tokens in the micro-batches each sampler forms over the dataset's tokenised lengths (the same
@@ -61,8 +61,8 @@ def padding_share(lengths: list[int], batch: int, grouped: bool, seed: int) -> f
 
 
 def run(model: Path, data: Path, out: Path, grouped: bool, args) -> dict:
-    from selfalign.constitution import Identity
-    from selfalign.engrave import TrainConfig, run_engrave
+    from selfalign.stages.stage3_engrave import TrainConfig, run_engrave
+    from selfalign.text.constitution import Identity
 
     cfg = TrainConfig(
         model=str(model), method="lora", max_steps=args.steps, micro_batch_size=args.batch,

@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir):
-    from selfalign.backends.transformers_backend import TransformersBackend
+    from selfalign.generation.transformers_backend import TransformersBackend
 
     return TransformersBackend.load(
         str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8

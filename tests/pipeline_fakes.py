@@ -64,8 +64,8 @@ def install(monkeypatch_or_none=None, kill_after: int | None = None):
     """Make the pipeline generate with the Responder (the tokenizer comes from the model dir)."""
     from transformers import AutoTokenizer
 
-    import selfalign.pipeline as pipeline
-    from selfalign.backends.scripted import ScriptedBackend
+    import selfalign.run.pipeline as pipeline
+    from selfalign.generation.scripted import ScriptedBackend
 
     responder = Responder(kill_after)
 

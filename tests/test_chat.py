@@ -8,8 +8,6 @@ import shutil
 import pytest
 from cli_run import run_main as cli
 
-from selfalign.backends import SamplingParams
-from selfalign.backends.scripted import ScriptedBackend
 from selfalign.chat import (
     ChatSettings,
     chat_loop,
@@ -18,10 +16,12 @@ from selfalign.chat import (
     run_answer,
     visible_text,
 )
-from selfalign.constitution import Identity
-from selfalign.conversation import ASSISTANT_HEADER, install_chat_template, render_prompt
 from selfalign.errors import UserError
+from selfalign.generation import SamplingParams
+from selfalign.generation.scripted import ScriptedBackend
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
+from selfalign.text.constitution import Identity
+from selfalign.text.conversation import ASSISTANT_HEADER, install_chat_template, render_prompt
 
 IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
 
@@ -87,7 +87,7 @@ def test_chat_streams_keeps_turns_and_resets(loaded):
     assert "(conversation reset)\n" in written
 
     # the streamed reply is the greedy continuation of the chat-template prompt
-    from selfalign.backends.transformers_backend import TransformersBackend
+    from selfalign.generation.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(model, tokenizer, batch_size=1)
     prompt = render_prompt(tokenizer, [{"role": "user", "content": "Fresh start"}])

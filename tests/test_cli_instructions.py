@@ -74,8 +74,8 @@ def test_sigkill_midway_then_rerun_gives_each_record_once(tiny_model_dir, tiny_b
     ids = [r["id"] for r in read_jsonl(raw)]
     assert len(ids) == len(set(ids)) == 12
     # the same step in-process, uninterrupted, batched differently: the same records
-    from selfalign.backends import SamplingParams
-    from selfalign.instructions import SelfInstructConfig, run_self_instruct
+    from selfalign.generation import SamplingParams
+    from selfalign.stages.stage1_instructions import SelfInstructConfig, run_self_instruct
 
     cfg = SelfInstructConfig(num_instructions=50, prompts_per_round=12, max_rounds=1,
                              num_prompt_instructions=2,

@@ -62,7 +62,7 @@ def test_missing_config_file(tmp_path):
 def test_partial_nested_section_keeps_the_other_defaults():
     from pydantic import BaseModel, ConfigDict, Field
 
-    from selfalign.backends import SamplingParams
+    from selfalign.generation import SamplingParams
 
     class Stage(BaseModel):
         model_config = ConfigDict(extra="forbid")

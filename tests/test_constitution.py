@@ -9,7 +9,8 @@ import pytest
 import yaml
 from cli_run import run_cli
 
-from selfalign.constitution import (
+from selfalign.errors import UserError
+from selfalign.text.constitution import (
     Identity,
     describe_cutoff,
     fill_identity,
@@ -19,7 +20,6 @@ from selfalign.constitution import (
     render_prompt,
     thoughts_cue,
 )
-from selfalign.errors import UserError
 
 WATSON = Path(__file__).resolve().parents[2] / "shared/reference/dromedary-v1/prompts/watson_self_align_prompt.txt"  # fmt: skip
 needs_watson = pytest.mark.skipif(not WATSON.exists(), reason="reference prompt not available")

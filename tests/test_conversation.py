@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.constitution import Identity
-from selfalign.conversation import (
+from selfalign.errors import UserError
+from selfalign.text.constitution import Identity
+from selfalign.text.conversation import (
     ASSISTANT_HEADER,
     USER_HEADER,
     check_sft_row,
@@ -19,7 +20,6 @@ from selfalign.conversation import (
     system_prompt,
     user_text,
 )
-from selfalign.errors import UserError
 
 IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
 
@@ -212,7 +212,7 @@ REF = Path(__file__).resolve().parents[2] / "shared/reference/dromedary-v1"
 
 
 def test_system_prompt_from_a_file_or_text(tmp_path):
-    from selfalign.conversation import check_variants
+    from selfalign.text.conversation import check_variants
 
     (tmp_path / "mine.txt").write_text(
         "# {name}\n\nMade by {developer}; code: {x: 1}.\n\n### User\n"
@@ -248,7 +248,7 @@ def test_original_distill_prompts_load_as_system_prompts(tokenizer):
 
 
 def test_sharegpt_rows():
-    from selfalign.conversation import sharegpt_messages
+    from selfalign.text.conversation import sharegpt_messages
 
     row = {"id": "identity_0", "conversations": [
         {"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": " I am Quokka. "},

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from cli_run import run_main as cli
 
-from selfalign.constitution import Identity
-from selfalign.conversation import ASSISTANT_HEADER
-from selfalign.engrave import TrainConfig, fit_examples, load_sft_rows, run_engrave
 from selfalign.errors import UserError
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
+from selfalign.stages.stage3_engrave import TrainConfig, fit_examples, load_sft_rows, run_engrave
+from selfalign.text.constitution import Identity
+from selfalign.text.conversation import ASSISTANT_HEADER
 
 IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
 
@@ -126,7 +126,7 @@ def test_training_text_equals_inference_template(engraved):
     out, _, dataset = engraved
     from transformers import AutoTokenizer
 
-    from selfalign.conversation import sft_messages
+    from selfalign.text.conversation import sft_messages
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     variants = TrainConfig().system_prompts
@@ -158,9 +158,9 @@ def test_lora_changes_only_adapted_weights(engraved, tiny_model_dir):
 
 
 def test_merged_model_generates_like_base_plus_adapter(engraved):
-    from selfalign.backends import SamplingParams
-    from selfalign.backends.transformers_backend import TransformersBackend
-    from selfalign.conversation import prompt_messages, render_prompt
+    from selfalign.generation import SamplingParams
+    from selfalign.generation.transformers_backend import TransformersBackend
+    from selfalign.text.conversation import prompt_messages, render_prompt
 
     out, _, _ = engraved
     merged = TransformersBackend.load(str(out), device="cpu", dtype="float32")
@@ -224,8 +224,8 @@ def test_resume_continues_at_the_saved_step(tiny_model_dir, tmp_path):
 
 
 def test_cutoff_truncation_is_counted_not_silent(tiny_model_dir):
-    from selfalign.conversation import install_chat_template, sft_messages
     from selfalign.modeling import load_tokenizer
+    from selfalign.text.conversation import install_chat_template, sft_messages
 
     tok = load_tokenizer(str(tiny_model_dir))
     install_chat_template(tok, IDENTITY)
@@ -311,8 +311,8 @@ def test_json_array_and_sharegpt_rows(tmp_path):
 @pytest.mark.skipif(not REF.is_dir(), reason="reference files not available")
 def test_original_identity_data_trains_without_crashing(tiny_model_dir):
     """The original ShareGPT identity file (which crashed the original training) loads as is."""
-    from selfalign.conversation import install_chat_template, sft_messages
     from selfalign.modeling import load_tokenizer
+    from selfalign.text.conversation import install_chat_template, sft_messages
 
     rows = load_sft_rows(REF / "dummy_data/vicuna_dummy_data.json")
     assert len(rows) == 910

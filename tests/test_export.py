@@ -3,8 +3,8 @@ import json
 import pytest
 
 from selfalign.errors import UserError
-from selfalign.export import export_run
 from selfalign.jsonl import write_jsonl_atomic
+from selfalign.run.export import export_run
 
 
 @pytest.fixture

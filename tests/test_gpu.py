@@ -27,7 +27,7 @@ PREFIX = "Consider the following principles carefully before you answer. " * 30
 
 
 def cuda_backend(model_dir, dtype, batch_size=4, share_prefix=True):
-    from selfalign.backends.transformers_backend import TransformersBackend
+    from selfalign.generation.transformers_backend import TransformersBackend
 
     backend = TransformersBackend.load(str(model_dir), device="cuda", dtype=dtype, batch_size=1)
     return TransformersBackend(backend.model, backend.tokenizer, batch_size, share_prefix)
@@ -35,7 +35,7 @@ def cuda_backend(model_dir, dtype, batch_size=4, share_prefix=True):
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_shared_prefix_greedy_is_exact_on_cuda(tiny_model_dir, batch_size):
-    from selfalign.backends import SamplingParams
+    from selfalign.generation import SamplingParams
 
     greedy = SamplingParams(temperature=0, max_tokens=16)
     prompts = [PREFIX + p for p in PROMPTS]
@@ -47,7 +47,7 @@ def test_shared_prefix_greedy_is_exact_on_cuda(tiny_model_dir, batch_size):
 
 
 def test_bf16_generation_with_every_control(tiny_model_dir):
-    from selfalign.backends import SamplingParams
+    from selfalign.generation import SamplingParams
 
     backend = cuda_backend(tiny_model_dir, "auto")
     assert backend.model.dtype in (torch.bfloat16, torch.float16)
@@ -71,8 +71,8 @@ def test_bf16_generation_with_every_control(tiny_model_dir):
 def test_engrave_on_cuda_trains_in_half_precision(tiny_model_dir, tmp_path):
     from test_engrave import IDENTITY, sft_rows, tiny_config
 
-    from selfalign.engrave import run_engrave
     from selfalign.jsonl import write_jsonl_atomic
+    from selfalign.stages.stage3_engrave import run_engrave
 
     write_jsonl_atomic(tmp_path / "sft.jsonl", sft_rows(16))
     run_engrave(

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.backends import Completion, SamplingParams
-from selfalign.backends.scripted import ScriptedBackend
 from selfalign.errors import UserError
-from selfalign.instructions import (
+from selfalign.generation import Completion, SamplingParams
+from selfalign.generation.scripted import ScriptedBackend
+from selfalign.jsonl import read_jsonl
+from selfalign.stages.stage1_instructions import (
     DEFAULT_BLOCKLIST,
     MergeConfig,
     QuestionsConfig,
@@ -46,8 +47,7 @@ from selfalign.instructions import (
     run_self_instruct,
     run_topics,
 )
-from selfalign.jsonl import read_jsonl
-from selfalign.novelty import NoveltyPool
+from selfalign.text.novelty import NoveltyPool
 
 REFERENCE = Path(
     os.environ.get(

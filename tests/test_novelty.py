@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from selfalign.novelty import NoveltyPool, Vocabulary, f1_from_lcs, rouge_l, tokenize
+from selfalign.text.novelty import NoveltyPool, Vocabulary, f1_from_lcs, rouge_l, tokenize
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

@@ -6,9 +6,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from selfalign.backends import BackendConfig, SamplingParams, load_backend
-from selfalign.backends.openai_backend import OpenAIBackend
 from selfalign.errors import UserError
+from selfalign.generation import BackendConfig, SamplingParams, load_backend
+from selfalign.generation.openai_backend import OpenAIBackend
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import yaml
 
 from selfalign.errors import UserError
 from selfalign.jsonl import read_jsonl
-from selfalign.pipeline import load_pipeline_config, parse_stages, run_pipeline
+from selfalign.run.pipeline import load_pipeline_config, parse_stages, run_pipeline
 
 TESTS = Path(__file__).parent
 
@@ -151,7 +151,7 @@ def record_progress(monkeypatch) -> dict[str, list[str]]:
     def recording(label, total):
         yield Bar(label)
 
-    monkeypatch.setattr("selfalign.generation.progress_bar", recording)
+    monkeypatch.setattr("selfalign.generation.records.progress_bar", recording)
     return statuses
 
 
@@ -236,7 +236,7 @@ def test_sigkill_in_stage_2_resumes_stage_2(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("name", ["demo", "small-gpu", "paper"])
 def test_example_configs_validate_and_open_with_their_command(name):
     from selfalign.config import read_yaml, validate
-    from selfalign.pipeline import PipelineConfig, shared_defaults
+    from selfalign.run.pipeline import PipelineConfig, shared_defaults
 
     path = TESTS.parent / "configs" / f"{name}.yaml"
     validate(PipelineConfig, shared_defaults(read_yaml(path)), str(path))

@@ -5,8 +5,8 @@ import json
 from html.parser import HTMLParser
 
 from selfalign.jsonl import write_jsonl_atomic
-from selfalign.manifest import Manifest
-from selfalign.report import write_report
+from selfalign.run.manifest import Manifest
+from selfalign.run.report import write_report
 
 
 class Collector(HTMLParser):
@@ -110,7 +110,7 @@ def test_report_of_an_empty_run(tmp_path):
 
 
 def test_principle_citations_use_stage_2_names(tmp_path):
-    from selfalign.report import _citations
+    from selfalign.run.report import _citations
 
     rows = [{"principles": [1, 3]}, {"principles": [3]}]
     assert _citations(tmp_path, rows) == {"3": 2, "1": 1}

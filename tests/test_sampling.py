@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from selfalign.backends.transformers_backend import ngram_penalty, top_p_filter
+from selfalign.generation.transformers_backend import ngram_penalty, top_p_filter
 
 
 def reference_penalty(history: list[int], penalties: dict[int, float], vocab: int) -> list[float]:

@@ -16,12 +16,11 @@ import pytest
 import yaml
 from cli_run import run_cli
 
-from selfalign.backends import Completion
-from selfalign.backends.scripted import ScriptedBackend
-from selfalign.constitution import load_constitution, render_prefix
 from selfalign.errors import UserError
+from selfalign.generation import Completion
+from selfalign.generation.scripted import ScriptedBackend
 from selfalign.jsonl import read_jsonl
-from selfalign.self_align import (
+from selfalign.stages.stage2_self_align import (
     ROW_FIELDS,
     ExemplarLeakage,
     SelfAlignConfig,
@@ -39,6 +38,7 @@ from selfalign.self_align import (
     run_self_align,
     sampling_params,
 )
+from selfalign.text.constitution import load_constitution, render_prefix
 
 REF = Path(__file__).resolve().parents[2] / "shared/reference/dromedary-v1"
 WATSON = REF / "prompts/watson_self_align_prompt.txt"
@@ -439,8 +439,8 @@ def test_run_end_to_end_with_a_scripted_model(tmp_path):
     assert [r["id"] for r in sft] != [r["id"] for r in aligned + identity]  # shuffled
 
     # stage 3 and export read it as it is
-    from selfalign.engrave import load_sft_rows
-    from selfalign.export import export_run
+    from selfalign.run.export import export_run
+    from selfalign.stages.stage3_engrave import load_sft_rows
 
     assert len(load_sft_rows(out / "sft.jsonl")) == len(sft)
     run_dir = tmp_path / "run"
@@ -623,7 +623,7 @@ def test_end_to_end_on_a_tiny_model(tiny_backend, tmp_path):
 def test_default_constitution_prefix_is_prefilled_once(tmp_path):
     """Every prompt begins with the identical constitution text, so the transformers backend
     finds it as the job's common prefix (computed once, shared by every row)."""
-    from selfalign.backends.transformers_backend import TransformersBackend
+    from selfalign.generation.transformers_backend import TransformersBackend
     from selfalign.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "m", context=8192)  # the full prompt needs > 2048

@@ -2,9 +2,9 @@
 
 import pytest
 
-from selfalign.backends import SamplingParams
-from selfalign.backends.transformers_backend import TransformersBackend
 from selfalign.errors import UserError
+from selfalign.generation import SamplingParams
+from selfalign.generation.transformers_backend import TransformersBackend
 
 PROMPTS = [
     "The quick brown fox",

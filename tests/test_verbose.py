@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.backends import Completion
-from selfalign.backends.scripted import ScriptedBackend
-from selfalign.constitution import Identity
-from selfalign.conversation import ASSISTANT_HEADER, install_chat_template, system_prompt
 from selfalign.errors import UserError
+from selfalign.generation import Completion
+from selfalign.generation.scripted import ScriptedBackend
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
-from selfalign.verbose import (
+from selfalign.stages.stage4_verbose import (
     VerboseConfig,
     filter_answers,
     instruction_rows,
@@ -22,6 +20,8 @@ from selfalign.verbose import (
     run_verbose,
     verbose_system_prompt,
 )
+from selfalign.text.constitution import Identity
+from selfalign.text.conversation import ASSISTANT_HEADER, install_chat_template, system_prompt
 
 IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
 
@@ -58,7 +58,7 @@ def reason_of(row, cfg=None, leakage=None):
 @pytest.fixture(scope="module")
 def default_leakage():
     """Stage 2's leakage check built from the bundled constitution's exemplars."""
-    from selfalign.constitution import load_constitution
+    from selfalign.text.constitution import load_constitution
 
     return leakage_detector(VerboseConfig(), load_constitution("default"))
 
@@ -213,7 +213,7 @@ def scripted(prompt: str, seed: int):
 
 
 def test_run_verbose_writes_files_and_counts(tmp_path, tokenizer):
-    from selfalign.constitution import load_constitution
+    from selfalign.text.constitution import load_constitution
 
     write_stage2(tmp_path)
     backend = ScriptedBackend(scripted, batch_size=3)

@@ -2,7 +2,7 @@
 
 `chat` is an interactive, multi-turn conversation that streams the answer as it is generated;
 `/reset` starts over, `/exit` (or end of input) leaves. `answer` answers every question of a JSONL
-file in batches, with resume (`selfalign.generation.generate_records`).
+file in batches, with resume (`selfalign.generation.records.generate_records`).
 
 Both render prompts with the model's own chat template (the one `selfalign engrave` saved in the
 tokenizer), so the model sees exactly the format it was trained on. MODEL is a merged model
@@ -18,11 +18,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.backends import Backend, SamplingParams
-from selfalign.conversation import TURN_STOPS, render_prompt, user_text
 from selfalign.errors import UserError
-from selfalign.generation import check_records, generate_records
+from selfalign.generation import Backend, SamplingParams
+from selfalign.generation.records import check_records, generate_records
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
+from selfalign.text.conversation import TURN_STOPS, render_prompt, user_text
 
 HELP = "Type a message. /reset forgets the conversation, /exit leaves."
 

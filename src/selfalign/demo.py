@@ -17,10 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from selfalign.constitution import Constitution, Turn, load_constitution, render_prompt
-from selfalign.constitution import render_thoughts as constitution_thoughts
-from selfalign.conversation import ASSISTANT_HEADER, SYSTEM_PROMPTS, USER_HEADER, user_text
-from selfalign.instructions import (
+from selfalign.stages.stage1_instructions import (
     build_question_prompt,
     build_self_instruct_prompt,
     build_topic_prompt,
@@ -29,6 +26,9 @@ from selfalign.instructions import (
     load_seed_tasks,
     read_text_input,
 )
+from selfalign.text.constitution import Constitution, Turn, load_constitution, render_prompt
+from selfalign.text.constitution import render_thoughts as constitution_thoughts
+from selfalign.text.conversation import ASSISTANT_HEADER, SYSTEM_PROMPTS, USER_HEADER, user_text
 
 THOUGHTS = [
     "The user asks for something I can do well, so I will answer it directly.",

@@ -29,7 +29,7 @@ def _build(model, path: Path | None, overrides: list[str] | None, explicit: dict
 def _identity(constitution, name, developer, cutoff, fallback=None):
     """The assistant's identity: the loaded constitution's, else the trained model's, else the
     default; then --name / --developer / --knowledge-cutoff on top."""
-    from selfalign.constitution import Identity
+    from selfalign.text.constitution import Identity
 
     base = constitution.identity if constitution is not None else fallback or Identity()
     given = {"name": name, "developer": developer, "knowledge_cutoff": cutoff}
@@ -37,7 +37,7 @@ def _identity(constitution, name, developer, cutoff, fallback=None):
 
 
 def _load_constitution(path: Path | None):
-    from selfalign.constitution import load_constitution
+    from selfalign.text.constitution import load_constitution
 
     return load_constitution(path) if path is not None else None
 
@@ -53,7 +53,7 @@ def _constitution_label(path: Path | None) -> str | None:
 def _recorded_constitution(model: str):
     """The constitution a selfalign-trained model records in train_stats.json, if it still loads
     (verbose cloning checks leakage of its exemplars); None otherwise."""
-    from selfalign.verbose import training_stats
+    from selfalign.stages.stage4_verbose import training_stats
 
     recorded = training_stats(model).get("constitution")
     if not recorded:
@@ -93,7 +93,7 @@ def engrave(
     ] = None,
 ) -> None:
     """Stage 3: fine-tune the base model on the self-aligned answers (principle engraving)."""
-    from selfalign.engrave import TrainConfig, run_engrave
+    from selfalign.stages.stage3_engrave import TrainConfig, run_engrave
 
     cfg = _build(
         TrainConfig,
@@ -161,9 +161,15 @@ def verbose_clone(
     ] = None,
 ) -> None:
     """Stage 4: verbose answers from the engraved model, filtered; then SFT of the base model."""
-    from selfalign.backends import BackendConfig, load_backend
+    from selfalign.generation import BackendConfig, load_backend
     from selfalign.modeling import load_tokenizer
-    from selfalign.verbose import VerboseConfig, base_of, identity_of, run_final_sft, run_verbose
+    from selfalign.stages.stage4_verbose import (
+        VerboseConfig,
+        base_of,
+        identity_of,
+        run_final_sft,
+        run_verbose,
+    )
 
     cfg = _build(
         VerboseConfig,
@@ -250,9 +256,9 @@ def answer(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
 ) -> None:
     """Answer every question of a JSONL file with a model's chat template (batched, resumable)."""
-    from selfalign.backends import BackendConfig, SamplingParams, load_backend
     from selfalign.chat import run_answer
     from selfalign.config import validate
+    from selfalign.generation import BackendConfig, SamplingParams, load_backend
 
     params = validate(
         SamplingParams,

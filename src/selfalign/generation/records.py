@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from selfalign.backends import Backend, SamplingParams, row_seed
-from selfalign.backends.base import PromptTooLong
 from selfalign.errors import UserError
+from selfalign.generation import Backend, SamplingParams, row_seed
+from selfalign.generation.base import PromptTooLong
 from selfalign.jsonl import JsonlAppender
 from selfalign.progress import progress_bar
 

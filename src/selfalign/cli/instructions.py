@@ -1,7 +1,7 @@
 """CLI of stage 1: `self-instruct`, `topics`, `questions`, `merge-instructions`.
 
 Thin shells: build the config (YAML < --set overrides < explicit options), load the model, call
-the step's `run_*` function in `selfalign.instructions`, print a one-line summary.
+the step's `run_*` function in `selfalign.stages.stage1_instructions`, print a one-line summary.
 
 The YAML file holds a `model:` section (the backend) and the stage-1 sections
 (`self_instruct:`, `topics:`, `questions:`, `merge:`); each command reads the one it needs.
@@ -16,9 +16,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import ConfigDict
 
-from selfalign.backends import BackendConfig
 from selfalign.errors import UserError
-from selfalign.instructions import Stage1Config
+from selfalign.generation import BackendConfig
+from selfalign.stages.stage1_instructions import Stage1Config
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model directory or hub id.")]
 OutOpt = Annotated[Path, typer.Option("--out-dir", help="Folder for this stage's files.")]
@@ -53,7 +53,7 @@ def _build(path: Path | None, overrides: list[str] | None, explicit: dict[str, A
 
 
 def _backend(cfg: Stage1File):
-    from selfalign.backends import load_backend
+    from selfalign.generation import load_backend
 
     if cfg.model is None or not cfg.model.model:
         raise UserError("no model given: pass --model PATH_OR_HUB_ID (or model.model in --config)")
@@ -121,7 +121,11 @@ def self_instruct(
     dtype: DtypeOpt = None,
 ) -> None:
     """Vanilla self-instruct with the ROUGE-L novelty filter; rerun to resume."""
-    from selfalign.instructions import parse_shard, run_self_instruct, self_instruct_inputs
+    from selfalign.stages.stage1_instructions import (
+        parse_shard,
+        run_self_instruct,
+        self_instruct_inputs,
+    )
 
     s = "self_instruct"
     cfg = _build(config, set_, {
@@ -172,7 +176,7 @@ def topics(
     dtype: DtypeOpt = None,
 ) -> None:
     """Brainstorm topics for each red-teaming question type; rerun to resume."""
-    from selfalign.instructions import run_topics, topics_inputs
+    from selfalign.stages.stage1_instructions import run_topics, topics_inputs
 
     s = "topics"
     cfg = _build(config, set_, {
@@ -227,7 +231,7 @@ def questions(
     dtype: DtypeOpt = None,
 ) -> None:
     """Generate topic-guided red-teaming questions; rerun to resume."""
-    from selfalign.instructions import parse_shard, questions_inputs, run_questions
+    from selfalign.stages.stage1_instructions import parse_shard, questions_inputs, run_questions
 
     s = "questions"
     cfg = _build(config, set_, {
@@ -257,7 +261,7 @@ def merge_instructions(
     set_: SetOpt = None,
 ) -> None:
     """Merge self-instruct and TGRT outputs (all shards) into instructions.jsonl."""
-    from selfalign.instructions import run_merge
+    from selfalign.stages.stage1_instructions import run_merge
 
     cfg = _build(config, set_, {"merge.similarity_threshold": threshold, "merge.seed": seed})
     _summary(run_merge(cfg.merge, None, out_dir), out_dir)

@@ -87,7 +87,7 @@ def generate(
     ] = None,
 ) -> None:
     """Complete every prompt of a JSONL file; rerun to resume."""
-    from selfalign.generate_cmd import GenerateConfig, run_generate
+    from selfalign.generation.generate_file import GenerateConfig, run_generate
 
     overrides = list(set_ or [])
     model_opts = {"model": model, "batch_size": batch_size, "device": device, "dtype": dtype}
@@ -107,7 +107,7 @@ def generate(
 
 
 def _register_stage_commands() -> None:
-    from selfalign.commands import instructions, pipeline, self_align, training
+    from selfalign.cli import instructions, pipeline, self_align, training
 
     for module in (instructions, self_align, training, pipeline):
         module.register(app)

@@ -23,14 +23,14 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from selfalign.backends.base import (
+from selfalign.errors import UserError
+from selfalign.generation.base import (
     Backend,
     Completion,
     PromptTooLong,
     SamplingParams,
     resolve_seeds,
 )
-from selfalign.errors import UserError
 from selfalign.modeling import context_length, load_model
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate prefill

@@ -2,11 +2,11 @@
 
     RUN/config.yaml        the resolved config actually used
     RUN/manifest.json      status, counts, seconds, outputs and config hash per stage
-    RUN/1_instructions/    stage 1 (selfalign.instructions)
-    RUN/2_self_align/      stage 2 (selfalign.self_align)
-    RUN/3_engrave/model/   stage 3 (selfalign.engrave)
-    RUN/4_verbose/         stage 4 (selfalign.verbose), final model in model/
-    RUN/report/index.html  the report (selfalign.report)
+    RUN/1_instructions/    stage 1 (selfalign.stages.stage1_instructions)
+    RUN/2_self_align/      stage 2 (selfalign.stages.stage2_self_align)
+    RUN/3_engrave/model/   stage 3 (selfalign.stages.stage3_engrave)
+    RUN/4_verbose/         stage 4 (selfalign.stages.stage4_verbose), final model in model/
+    RUN/report/index.html  the report (selfalign.run.report)
 
 Each stage resumes by itself (raw completions and checkpoints on disk), so the pipeline only
 decides which stages to run: a stage that is done with the same settings is skipped; one whose
@@ -29,21 +29,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.backends import Backend, BackendConfig, load_backend
 from selfalign.config import apply_overrides, dump_config, read_yaml, validate
-from selfalign.engrave import TrainConfig, run_engrave
 from selfalign.errors import UserError
-from selfalign.instructions import (
+from selfalign.generation import Backend, BackendConfig, load_backend
+from selfalign.jsonl import read_jsonl, write_text_atomic
+from selfalign.run.manifest import STAGES, Manifest, config_hash, versions
+from selfalign.stages.stage1_instructions import (
     Stage1Config,
     run_merge,
     run_questions,
     run_self_instruct,
     run_topics,
 )
-from selfalign.jsonl import read_jsonl, write_text_atomic
-from selfalign.manifest import STAGES, Manifest, config_hash, versions
-from selfalign.self_align import SelfAlignConfig, run_self_align, stage_constitution
-from selfalign.verbose import VerboseConfig, run_final_sft, run_verbose
+from selfalign.stages.stage2_self_align import SelfAlignConfig, run_self_align, stage_constitution
+from selfalign.stages.stage3_engrave import TrainConfig, run_engrave
+from selfalign.stages.stage4_verbose import VerboseConfig, run_final_sft, run_verbose
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +467,7 @@ def run_pipeline(
     """Run the selected stages, then write the report; the manifest is returned."""
     manifest = Pipeline(cfg, events, command).execute(stages, force)
     if report:
-        from selfalign.report import write_report
+        from selfalign.run.report import write_report
 
         path = write_report(cfg.run_dir)
         (events or Events())("run_done", f"report: {path}", report=str(path))

@@ -2,7 +2,7 @@
 
 The base model answers every stage-1 instruction while reading the constitution: the principles
 and exemplar conversations in which the assistant first writes internal thoughts citing the
-principles it applies, then its answer. The prompt (`selfalign.constitution.render_prompt`) ends
+principles it applies, then its answer. The prompt (`selfalign.text.constitution.render_prompt`) ends
 at the thoughts cue, so every completion is "thoughts, answer label, answer". Every prompt starts
 with the same constitution text, which the transformers backend prefills once.
 
@@ -52,9 +52,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.backends import Backend, SamplingParams, row_seed
 from selfalign.config import read_yaml, validate
-from selfalign.constitution import (
+from selfalign.errors import UserError
+from selfalign.generation import Backend, SamplingParams, row_seed
+from selfalign.generation.records import generate_records, verdicts
+from selfalign.jsonl import read_jsonl, read_records, write_jsonl_atomic, write_text_atomic
+from selfalign.shards import Shard, parse_shard
+from selfalign.text.constitution import (
     Constitution,
     Identity,
     bundled_dir,
@@ -65,10 +69,6 @@ from selfalign.constitution import (
     render_prompt,
     user_message,
 )
-from selfalign.errors import UserError
-from selfalign.generation import generate_records, verdicts
-from selfalign.jsonl import read_jsonl, read_records, write_jsonl_atomic, write_text_atomic
-from selfalign.shards import Shard, parse_shard
 
 log = logging.getLogger(__name__)
 

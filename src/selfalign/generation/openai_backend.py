@@ -18,8 +18,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from selfalign.backends.base import Backend, Completion, SamplingParams, resolve_seeds
 from selfalign.errors import UserError
+from selfalign.generation.base import Backend, Completion, SamplingParams, resolve_seeds
 
 
 class OpenAIBackend(Backend):

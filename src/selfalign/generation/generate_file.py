@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.backends import BackendConfig, SamplingParams, load_backend
 from selfalign.config import apply_overrides, read_yaml, validate
 from selfalign.errors import UserError
-from selfalign.generation import check_records, generate_records
+from selfalign.generation import BackendConfig, SamplingParams, load_backend
+from selfalign.generation.records import check_records, generate_records
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 
 

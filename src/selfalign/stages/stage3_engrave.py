@@ -2,7 +2,7 @@
 
 Reads an SFT file (`sft.jsonl` from stage 2: `{id, instruction, input, output, ...}` per line, or
 `{id, messages}`) and fine-tunes a base model on it WITHOUT the constitution in the prompt: each
-example is a short system prompt (see `selfalign.conversation`), the user turn and the answer.
+example is a short system prompt (see `selfalign.text.conversation`), the user turn and the answer.
 The loss covers the assistant tokens only, EOS included, so the model learns to stop.
 
 Writes into `out_dir` (a model directory that transformers and `vllm serve` load as is):
@@ -37,16 +37,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfalign import __version__
 from selfalign.config import dump_config
-from selfalign.constitution import Identity
-from selfalign.conversation import (
+from selfalign.errors import UserError
+from selfalign.jsonl import JsonlAppender, read_records, write_text_atomic
+from selfalign.text.constitution import Identity
+from selfalign.text.conversation import (
     check_sft_row,
     check_variants,
     install_chat_template,
     sft_messages,
     system_prompt,
 )
-from selfalign.errors import UserError
-from selfalign.jsonl import JsonlAppender, read_records, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ final model is the BASE model fine-tuned on them (context distillation).
 Stage 3's model answers briefly. Here it answers every stage-2 instruction (and the identity
 questions) under a verbose system prompt, an "extensive" mode asking for thorough, organised,
 multi-aspect answers. The verbose prompt is then distilled away: the final model is trained on
-(instruction, verbose answer) with the short system prompts of `selfalign.conversation`.
+(instruction, verbose answer) with the short system prompts of `selfalign.text.conversation`.
 
 Reads:  aligned.jsonl (stage 2: id, instruction, input, ...), identity.jsonl (optional, same fields)
 Writes: verbose.raw.jsonl   every completion (resume: ids already there are not regenerated)
@@ -32,9 +32,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfalign.backends import Backend, SamplingParams
-from selfalign.constitution import Constitution, Identity
-from selfalign.conversation import (
+from selfalign.errors import UserError
+from selfalign.generation import Backend, SamplingParams
+from selfalign.generation.records import generate_records, verdicts
+from selfalign.jsonl import read_jsonl, write_jsonl_atomic
+from selfalign.stages.stage2_self_align import ExemplarLeakage
+from selfalign.stages.stage3_engrave import TrainConfig, run_engrave
+from selfalign.text.constitution import Constitution, Identity
+from selfalign.text.conversation import (
     ASSISTANT_HEADER,
     TURN_STOPS,
     USER_HEADER,
@@ -43,11 +48,6 @@ from selfalign.conversation import (
     render_prompt,
     user_text,
 )
-from selfalign.engrave import TrainConfig, run_engrave
-from selfalign.errors import UserError
-from selfalign.generation import generate_records, verdicts
-from selfalign.jsonl import read_jsonl, write_jsonl_atomic
-from selfalign.self_align import ExemplarLeakage
 
 VERBOSE_PROMPT = (
     "You are {name}, an AI assistant developed by {developer}, now answering in extensive mode. "

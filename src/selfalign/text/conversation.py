@@ -41,9 +41,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from selfalign.backends import row_seed
-from selfalign.constitution import Identity, fill_identity
 from selfalign.errors import UserError
+from selfalign.generation import row_seed
+from selfalign.text.constitution import Identity, fill_identity
 
 USER_HEADER = "\n\n### User\n"
 ASSISTANT_HEADER = "\n\n### Assistant\n"

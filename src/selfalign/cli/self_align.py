@@ -1,7 +1,7 @@
 """CLI of stage 2: `self-align`, and `constitution show|check`.
 
 Thin shells: build the config (YAML < --set overrides < explicit options), load the model, call
-`selfalign.self_align.run_self_align`, print a one-line summary. The YAML file holds a `model:`
+`selfalign.stages.stage2_self_align.run_self_align`, print a one-line summary. The YAML file holds a `model:`
 section (the backend) and a `self_align:` section (`SelfAlignConfig`).
 """
 
@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.backends import BackendConfig
 from selfalign.errors import UserError
-from selfalign.self_align import SelfAlignConfig
+from selfalign.generation import BackendConfig
+from selfalign.stages.stage2_self_align import SelfAlignConfig
 
 constitution_app = typer.Typer(
     help="Render or validate a constitution (YAML, bundled name, or raw prompt text).",
@@ -101,7 +101,7 @@ def self_align(
 ) -> None:
     """Stage 2: answer every instruction under the constitution, parse, filter; rerun to resume."""
     from selfalign.cli import parse_pairs
-    from selfalign.self_align import check_inputs, finalize_self_align, run_self_align
+    from selfalign.stages.stage2_self_align import check_inputs, finalize_self_align, run_self_align
 
     s = "self_align"
     identity = {"name": name, "developer": developer, "knowledge_cutoff": knowledge_cutoff}
@@ -117,7 +117,7 @@ def self_align(
     })  # fmt: skip
     stage = cfg.self_align
     if any(v is not None for v in identity.values()):
-        from selfalign.self_align import stage_constitution
+        from selfalign.stages.stage2_self_align import stage_constitution
 
         base = stage.identity or stage_constitution(stage).identity
         given = {k: v for k, v in identity.items() if v is not None}
@@ -130,7 +130,7 @@ def self_align(
             raise UserError(
                 "no model given: pass --model PATH_OR_HUB_ID (or model.model in --config)"
             )
-        from selfalign.backends import load_backend
+        from selfalign.generation import load_backend
 
         backend = load_backend(cfg.model)
         try:
@@ -165,7 +165,7 @@ def constitution_show(
     ] = False,
 ) -> None:
     """Print the self-align prompt a constitution renders (or its normalised YAML)."""
-    from selfalign.constitution import dump_constitution, load_constitution, render_prompt
+    from selfalign.text.constitution import dump_constitution, load_constitution, render_prompt
 
     c = load_constitution(file)
     typer.echo(dump_constitution(c) if as_yaml else render_prompt(c, instruction, input))
@@ -179,7 +179,7 @@ def constitution_check(
     ] = None,
 ) -> None:
     """Validate a constitution; errors name the place (principles[2], exemplars[1].turns[0])."""
-    from selfalign.constitution import load_constitution, render_prefix
+    from selfalign.text.constitution import load_constitution, render_prefix
 
     c = load_constitution(file)
     prefix = render_prefix(c)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.backends.base import Backend, Completion, SamplingParams, row_seed
+from selfalign.generation.base import Backend, Completion, SamplingParams, row_seed
 
 __all__ = ["Backend", "BackendConfig", "Completion", "SamplingParams", "load_backend", "row_seed"]
 
@@ -47,7 +47,7 @@ class BackendConfig(BaseModel):
 
 
 def _transformers(cfg: BackendConfig) -> Backend:
-    from selfalign.backends.transformers_backend import TransformersBackend
+    from selfalign.generation.transformers_backend import TransformersBackend
 
     return TransformersBackend.load(
         cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.trust_remote_code, cfg.share_prefix
@@ -55,8 +55,8 @@ def _transformers(cfg: BackendConfig) -> Backend:
 
 
 def _openai(cfg: BackendConfig) -> Backend:
-    from selfalign.backends.openai_backend import OpenAIBackend
     from selfalign.errors import UserError
+    from selfalign.generation.openai_backend import OpenAIBackend
 
     if not cfg.base_url:
         raise UserError("backend 'openai' needs model.base_url, e.g. http://localhost:8000/v1")

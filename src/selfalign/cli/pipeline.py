@@ -38,7 +38,7 @@ def run(
     import shlex
     import sys
 
-    from selfalign.pipeline import Events, load_pipeline_config, parse_stages, run_pipeline
+    from selfalign.run.pipeline import Events, load_pipeline_config, parse_stages, run_pipeline
 
     if quiet or log_json:
         os.environ["SELFALIGN_PROGRESS"] = "0"
@@ -102,7 +102,7 @@ def status(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
 
 def report(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     """Write RUN/report/index.html from the run's files."""
-    from selfalign.report import write_report
+    from selfalign.run.report import write_report
 
     if not run.is_dir():
         raise UserError(f"{run}: no such run directory")
@@ -117,7 +117,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = ...,
 ) -> None:
     """Export the stage-2 and stage-4 datasets."""
-    from selfalign.export import export_run
+    from selfalign.run.export import export_run
 
     counts = export_run(run, format, out)
     typer.echo(f"{out}: " + ", ".join(f"{name} {n} rows" for name, n in counts.items()))

@@ -46,12 +46,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from selfalign.backends import Backend, SamplingParams, row_seed
 from selfalign.errors import UserError
-from selfalign.generation import Tally, generate_records, verdicts
+from selfalign.generation import Backend, SamplingParams, row_seed
+from selfalign.generation.records import Tally, generate_records, verdicts
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
-from selfalign.novelty import NoveltyPool
 from selfalign.shards import Shard, parse_shard
+from selfalign.text.novelty import NoveltyPool
 
 log = logging.getLogger(__name__)
 

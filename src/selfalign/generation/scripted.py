@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
-from selfalign.backends.base import Backend, Completion, SamplingParams, resolve_seeds
+from selfalign.generation.base import Backend, Completion, SamplingParams, resolve_seeds
 
 
 class ScriptedBackend(Backend):
