@@ -204,7 +204,7 @@ def test_original_files_drive_a_run(tmp_path):
     run_self_instruct(cfg.self_instruct, backend, tmp_path)
     run_topics(cfg.topics, backend, tmp_path)
     run_questions(cfg.questions, backend, tmp_path)
-    counts = run_merge(cfg.merge, None, tmp_path)
+    counts = run_merge(cfg.merge, tmp_path)
     assert counts["kept_per_source"]["self_instruct"] == 3 and counts["kept_per_source"]["tgrt"]
 
 
@@ -635,7 +635,7 @@ def test_merge_novelty_across_shards_duplicates_and_rejections(tmp_path):
         counts = run_self_instruct(cfg, ScriptedBackend(respond), tmp_path, shard=f"{i}/2")
         assert counts["kept"] == 1 and counts["shard"] == f"{i}/2"
     assert (tmp_path / "self_instruct.shard1of2.jsonl").exists()
-    counts = run_merge(MergeConfig(), None, tmp_path)
+    counts = run_merge(MergeConfig(), tmp_path)
     assert counts["kept"] == 1 and counts["rejected"] == {"similar": 1}
     merged = read_jsonl(tmp_path / "instructions.jsonl")
     assert set(merged[0]) >= {"id", "instruction", "input", "source", "question_type", "topic"}
@@ -645,7 +645,7 @@ def test_merge_novelty_across_shards_duplicates_and_rejections(tmp_path):
         sum(r["reason"] == "similar" for r in rejected) == counts["rejected_all_steps"]["similar"]
     )
     # without a novelty threshold only exact duplicates go
-    counts = run_merge(MergeConfig(similarity_threshold=None), None, tmp_path)
+    counts = run_merge(MergeConfig(similarity_threshold=None), tmp_path)
     assert counts["kept"] == 2
 
 
@@ -653,11 +653,11 @@ def test_merge_needs_every_shard(tmp_path):
     cfg = SelfInstructConfig(num_instructions=2, prompts_per_round=2)
     run_self_instruct(cfg, ScriptedBackend(canned_responder()), tmp_path, shard="1/3")
     with pytest.raises(UserError, match="shard\\(s\\) 0/3, 2/3 have no output"):
-        run_merge(MergeConfig(), None, tmp_path)
-    counts = run_merge(MergeConfig(allow_missing_shards=True), None, tmp_path)
+        run_merge(MergeConfig(), tmp_path)
+    counts = run_merge(MergeConfig(allow_missing_shards=True), tmp_path)
     assert counts["kept"] == 1
     with pytest.raises(UserError, match="nothing|no self_instruct"):
-        run_merge(MergeConfig(), None, tmp_path / "empty")
+        run_merge(MergeConfig(), tmp_path / "empty")
 
 
 def test_merge_is_a_seeded_shuffle_of_both_sources(tmp_path):
@@ -666,15 +666,15 @@ def test_merge_is_a_seeded_shuffle_of_both_sources(tmp_path):
                       tmp_path)  # fmt: skip
     run_topics(TopicsConfig(epochs=1, max_prompts_per_type=1), backend, tmp_path)
     run_questions(QuestionsConfig(), backend, tmp_path)
-    counts = run_merge(MergeConfig(seed=1), None, tmp_path)
+    counts = run_merge(MergeConfig(seed=1), tmp_path)
     _funnel_closes({**counts, "rejected": counts["rejected"]})
     first = (tmp_path / "instructions.jsonl").read_text()
-    run_merge(MergeConfig(seed=1), None, tmp_path)
+    run_merge(MergeConfig(seed=1), tmp_path)
     assert (tmp_path / "instructions.jsonl").read_text() == first
     records = read_jsonl(tmp_path / "instructions.jsonl")
     assert {r["source"] for r in records} == {"self_instruct", "tgrt"}
     assert [r["source"] for r in records] != sorted(r["source"] for r in records)
-    run_merge(MergeConfig(seed=2), None, tmp_path)
+    run_merge(MergeConfig(seed=2), tmp_path)
     again = read_jsonl(tmp_path / "instructions.jsonl")
     assert again != records and sorted(again, key=lambda r: r["id"]) == sorted(
         records, key=lambda r: r["id"]
@@ -733,7 +733,7 @@ def test_tiny_model_end_to_end_with_crash_and_rerun(tiny_backend, tmp_path):
     ref = _tiny_stage1(tmp_path / "ref", tiny_backend)
     assert ref["self_instruct"]["prompts"] == 8 and ref["topics"]["prompts"] == 40
     assert ref["questions"]["hints"] == 20
-    merged = run_merge(MergeConfig(), None, tmp_path / "ref")
+    merged = run_merge(MergeConfig(), tmp_path / "ref")
     assert (tmp_path / "ref" / "instructions.jsonl").exists() and "kept" in merged
     # EOS was suppressed: every completion ran to the token limit
     raw = read_jsonl(tmp_path / "ref" / "topics.raw.jsonl")
@@ -744,7 +744,7 @@ def test_tiny_model_end_to_end_with_crash_and_rerun(tiny_backend, tmp_path):
         with pytest.raises(Crash):
             _tiny_stage1(out, CrashingBackend(tiny_backend, after))
     assert _tiny_stage1(out, tiny_backend) == ref
-    run_merge(MergeConfig(), None, out)
+    run_merge(MergeConfig(), out)
     assert _files(out) == _files(tmp_path / "ref")
     for rows in _files(out).values():
         assert len({r["id"] for r in rows}) == len(rows)

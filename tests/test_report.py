@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 
 from selfalign.jsonl import write_jsonl_atomic
 from selfalign.run.manifest import Manifest
+from selfalign.run.registry import names
 from selfalign.run.report import write_report
 
 
@@ -70,7 +71,7 @@ def make_run(run):
         run / "3_engrave/model/training_log.jsonl",
         [{"step": s, "loss": 3 - s / 10} for s in range(1, 10)],
     )
-    manifest = Manifest.load(run)
+    manifest = Manifest.load(run, names())
     manifest.finish("instructions", {"kept": 12}, ["1_instructions/instructions.jsonl"], 1.0)
 
 

@@ -264,7 +264,7 @@ def merge_instructions(
     from selfalign.stages.stage1_instructions import run_merge
 
     cfg = _build(config, set_, {"merge.similarity_threshold": threshold, "merge.seed": seed})
-    _summary(run_merge(cfg.merge, None, out_dir), out_dir)
+    _summary(run_merge(cfg.merge, out_dir), out_dir)
 
 
 def register(app) -> None:

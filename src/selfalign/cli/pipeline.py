@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -48,25 +47,24 @@ def run(
     manifest = run_pipeline(cfg, selected, force or [], Events(log_json, quiet), command)
     if not (quiet or log_json):
         _print_samples(Path(cfg.run_dir))
-    done = sum(s["status"] == "done" for s in manifest.data["stages"].values())
-    typer.echo(f"{cfg.run_dir}: {done}/4 stages done; selfalign status {cfg.run_dir}")
+    stages = manifest.data["stages"].values()
+    done = sum(s["status"] == "done" for s in stages)
+    typer.echo(f"{cfg.run_dir}: {done}/{len(stages)} stages done; selfalign status {cfg.run_dir}")
 
 
 def _print_samples(run: Path, n: int = 2) -> None:
     """A few records per stage, so the user sees what the run made."""
     from selfalign.jsonl import read_jsonl
+    from selfalign.run.registry import STAGES
 
-    for path, fields in (
-        (run / "1_instructions" / "instructions.jsonl", ("source", "instruction")),
-        (run / "2_self_align" / "aligned.jsonl", ("instruction", "output")),
-        (run / "4_verbose" / "verbose.jsonl", ("instruction", "output")),
-    ):
-        if not path.exists():
+    for stage in STAGES:
+        path = stage.path(run, stage.kept or "")
+        if not stage.sample_fields or not path.is_file():
             continue
         typer.echo(f"--- {path.relative_to(run)}")
         for record in read_jsonl(path)[:n]:
-            line = " | ".join(str(record.get(f, ""))[:160].replace("\n", " ") for f in fields)
-            typer.echo(f"  {line}")
+            fields = (str(record.get(f, ""))[:160].replace("\n", " ") for f in stage.sample_fields)
+            typer.echo("  " + " | ".join(fields))
 
 
 def status(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
@@ -74,16 +72,18 @@ def status(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    path = run / "manifest.json"
-    if not path.exists():
+    from selfalign.run.manifest import Manifest
+    from selfalign.run.registry import names
+
+    if not (run / "manifest.json").exists():
         raise UserError(
             f"{run}: no manifest.json (not a run directory, or the run has not started)"
         )
-    manifest = json.loads(path.read_text())
+    manifest = Manifest.load(run, names()).data
     table = Table(title=f"{run}")
     for column in ("stage", "status", "seconds", "counts"):
         table.add_column(column)
-    colours = {"done": "green", "failed": "red", "running": "yellow"}
+    colours = {"done": "green", "failed": "red", "running": "yellow", "stale": "magenta"}
     for name, stage in manifest.get("stages", {}).items():
         state = stage.get("status", "pending")
         counts = ", ".join(

@@ -1,7 +1,7 @@
 """Export a run's datasets in the formats the ecosystem uses.
 
-Reads `RUN/2_self_align/sft.jsonl` (stage 2: aligned answers + identity rows) and
-`RUN/4_verbose/verbose.jsonl` (stage 4) and writes, per dataset:
+Reads the dataset of every stage that publishes one (the registry's `dataset`: stage 2's
+`sft.jsonl`, aligned answers + identity rows, and stage 4's `verbose.jsonl`) and writes, per dataset:
 - `alpaca`: a JSON array of {instruction, input, output};
 - `sharegpt`: JSONL of {id, conversations: [{from: human, value}, {from: gpt, value}]};
 - `messages`: JSONL of {id, messages: [{role: user, content}, {role: assistant, content}]};
@@ -16,9 +16,10 @@ from typing import Any
 
 from selfalign.errors import UserError
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
+from selfalign.run.registry import STAGES
 
 FORMATS = ("alpaca", "sharegpt", "messages", "hf-dataset")
-DATASETS = {"self_align": "2_self_align/sft.jsonl", "verbose": "4_verbose/verbose.jsonl"}
+DATASETS = {s.name: f"{s.folder}/{s.dataset}" for s in STAGES if s.dataset}
 
 
 def user_text(row: dict[str, Any]) -> str:

@@ -1,13 +1,14 @@
 """The run directory's manifest: what each stage did, so a rerun knows what to skip.
 
 `RUN/manifest.json`:
-    {"stages": {"instructions" | "self_align" | "engrave" | "verbose":
-                 {"status": "pending|running|done|failed", "counts": {...}, "seconds": ...,
-                  "outputs": [...], "config_hash": ..., "error": ...}},
+    {"stages": {NAME (per stage of the registry, in order):
+                 {"status": "pending|running|done|failed|stale", "counts": {...}, "seconds": ...,
+                  "outputs": [...], "config_hash": ..., "settings": {...}, "error": ...}},
      "versions": {...}, "seed": ..., "config_hash": ...}
 
 A stage's `config_hash` covers its own settings and every upstream stage's, so changing stage 1
-invalidates everything after it. Written atomically after every change.
+invalidates everything after it. `stale`: done once, but an earlier stage was redone since.
+Written atomically after every change.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from selfalign.errors import UserError
 from selfalign.jsonl import write_text_atomic
 
-STAGES = ("instructions", "self_align", "engrave", "verbose")
 PACKAGES = (
     "selfalign",
     "torch",
@@ -56,13 +57,10 @@ class Manifest:
         self.data = data
 
     @classmethod
-    def load(cls, run: Path) -> Manifest:
+    def load(cls, run: Path, stages: list[str]) -> Manifest:
         path = run / "manifest.json"
-        if path.exists():
-            data = json.loads(path.read_text())
-        else:
-            data = {"stages": {}}
-        for stage in STAGES:
+        data = read_manifest(path) if path.exists() else {"stages": {}}
+        for stage in stages:
             data["stages"].setdefault(stage, {"status": "pending"})
         return cls(path, data)
 
@@ -91,3 +89,18 @@ class Manifest:
     def reset(self, name: str) -> None:
         self.data["stages"][name] = {"status": "pending"}
         self.save()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest's data; a damaged file is one UserError saying what to do."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            raise ValueError("not a manifest object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"{path}: damaged ({e}); the stages' own files are intact: delete {path.name} and rerun "
+            "(done stages are then redone, resuming from their files where they can)"
+        ) from None
+    data.setdefault("stages", {})
+    return data

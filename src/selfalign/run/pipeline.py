@@ -1,4 +1,4 @@
-"""`selfalign run`: one config takes a base model through the four stages into a run directory.
+"""`selfalign run`: one config takes a base model through the stages into a run directory.
 
     RUN/config.yaml        the resolved config actually used
     RUN/manifest.json      status, counts, seconds, outputs and config hash per stage
@@ -8,11 +8,13 @@
     RUN/4_verbose/         stage 4 (selfalign.stages.stage4_verbose), final model in model/
     RUN/report/index.html  the report (selfalign.run.report)
 
-Each stage resumes by itself (raw completions and checkpoints on disk), so the pipeline only
-decides which stages to run: a stage that is done with the same settings is skipped; one whose
-settings changed is refused until the user says `--force STAGE` (which also redoes every later
-stage, since their inputs change). A stage's hash covers its own section, the model and every
-upstream stage's hash.
+The stages, their folders, config sections and files come from `selfalign.run.registry`. Each stage
+resumes by itself (raw completions and checkpoints on disk), so the pipeline only decides which
+stages to run: a stage that is done with the same settings is skipped; one whose settings changed
+is refused until the user says `--force STAGE`, which redoes it and every later selected stage
+(their inputs change); later stages outside `--stages` are marked stale, not deleted, and are
+redone when next selected. A stage's folder is only ever removed right before that stage is redone.
+A stage's hash covers its own settings and the hash of the stage before it, in pipeline order.
 """
 
 from __future__ import annotations
@@ -23,43 +25,29 @@ import logging
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from selfalign.config import apply_overrides, dump_config, read_yaml, validate
+from selfalign.config import dump_config
 from selfalign.errors import UserError
 from selfalign.generation import Backend, BackendConfig, load_backend
 from selfalign.jsonl import read_jsonl, write_text_atomic
-from selfalign.run.manifest import STAGES, Manifest, config_hash, versions
-from selfalign.stages.stage1_instructions import (
-    Stage1Config,
-    run_merge,
-    run_questions,
-    run_self_instruct,
-    run_topics,
-)
-from selfalign.stages.stage2_self_align import SelfAlignConfig, run_self_align, stage_constitution
-from selfalign.stages.stage3_engrave import TrainConfig, run_engrave
-from selfalign.stages.stage4_verbose import VerboseConfig, run_final_sft, run_verbose
+from selfalign.run.manifest import Manifest, config_hash, versions
+from selfalign.run.registry import STAGE, STAGES, Stage, names, producers
+from selfalign.stages.stage2_self_align import stage_constitution
 
 log = logging.getLogger(__name__)
 
-FOLDERS = {
-    "instructions": "1_instructions",
-    "self_align": "2_self_align",
-    "engrave": "3_engrave",
-    "verbose": "4_verbose",
-}
 # model settings that change what is generated (batch size, device and concurrency do not)
 MODEL_KEYS = ("model", "backend", "dtype", "base_url", "trust_remote_code")
 
 
-class PipelineConfig(BaseModel):
-    """Everything `selfalign run` needs; one section per stage."""
-
+class _PipelineBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str = Field("runs/selfalign", description="Run directory (--run-dir overrides).")
@@ -68,27 +56,28 @@ class PipelineConfig(BaseModel):
         "default", description="Constitution: a bundled name or a YAML/prompt-text file."
     )
     model: BackendConfig = Field(..., description="The base model and how it generates.")
-    instructions: Stage1Config = Field(default_factory=Stage1Config)
-    self_align: SelfAlignConfig = Field(default_factory=SelfAlignConfig)
-    engrave: TrainConfig = Field(default_factory=TrainConfig)
-    verbose: VerboseConfig = Field(default_factory=VerboseConfig)
 
 
-_SEEDED = [("instructions", step) for step in ("self_instruct", "topics", "questions", "merge")] + [
-    ("self_align",),
-    ("engrave",),
-    ("verbose",),
-    ("verbose", "train"),
-]
+# one section per stage of the registry, named after the stage
+PipelineConfig = create_model(
+    "PipelineConfig",
+    __base__=_PipelineBase,
+    __doc__="Everything `selfalign run` needs; one section per stage.",
+    **{
+        s.name: (s.config, Field(default_factory=s.config, description=s.description))
+        for s in STAGES
+    },
+)
 
 
 def shared_defaults(data: dict[str, Any]) -> dict[str, Any]:
     """The top-level seed and constitution fill the stage sections that leave them unset."""
     seed = data.get("seed", 42)
-    for path in _SEEDED:
-        section = _section(data, path)
-        if section is not None:
-            section.setdefault("seed", seed)
+    for stage in STAGES:
+        for path in stage.seeded:
+            section = _section(data, (stage.name, *path))
+            if section is not None:
+                section.setdefault("seed", seed)
     self_align = _section(data, ("self_align",))
     if self_align is not None:
         self_align.setdefault("constitution", data.get("constitution", "default"))
@@ -113,6 +102,8 @@ def load_pipeline_config(
     path: str | Path, overrides: Iterable[str] = (), run_dir: str | Path | None = None
 ) -> PipelineConfig:
     """Read, override, validate and pre-flight a pipeline config; any problem is one UserError."""
+    from selfalign.config import apply_overrides, read_yaml, validate
+
     data = read_yaml(path)
     apply_overrides(data, list(overrides))
     if run_dir is not None:
@@ -154,25 +145,25 @@ def _check_writable(run: Path) -> None:
 
 
 def stage_configs(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Per stage, the settings its outputs depend on (hashed for change detection); an edit of
-    the constitution file counts as a change of stage 2."""
+    """Per stage, in pipeline order, the settings its outputs depend on (hashed for change
+    detection); an edit of the constitution file counts as a change of stage 2."""
     model = cfg.model.model_dump(include=set(MODEL_KEYS))
     constitution = stage_constitution(cfg.self_align).model_dump()
-    settings = {
-        "instructions": {"model": model, **cfg.instructions.model_dump()},
-        "self_align": {
-            "model": model,
-            "constitution_content": config_hash(constitution),
-            **cfg.self_align.model_dump(),
-        },
-        "engrave": {"model": model["model"], **cfg.engrave.model_dump()},
-        "verbose": cfg.verbose.model_dump(),
+    upstream = {
+        "instructions": {"model": model},
+        "self_align": {"model": model, "constitution_content": config_hash(constitution)},
+        "engrave": {"model": model["model"]},
     }
+    settings = {s.name: {**upstream.get(s.name, {}), **getattr(cfg, s.name).model_dump()}
+                for s in STAGES}  # fmt: skip
     # as JSON sees them (string keys), so they compare equal to what the manifest stored
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+    return {
+        name: json.loads(json.dumps(v, sort_keys=True, default=str)) for name, v in settings.items()
+    }
 
 
 def stage_hashes(cfg: PipelineConfig) -> dict[str, str]:
+    """Each stage's hash chains on the one before it, in pipeline order."""
     hashes, upstream = {}, ""
     for stage, settings in stage_configs(cfg).items():
         upstream = hashes[stage] = config_hash({"upstream": upstream, "settings": settings})
@@ -181,28 +172,29 @@ def stage_hashes(cfg: PipelineConfig) -> dict[str, str]:
 
 def parse_stages(text: str | None) -> list[str]:
     """`None` = all; `2`, `self_align`, `1-2`, `2-`, `instructions-engrave` select a range."""
+    stages = names()
     if not text:
-        return list(STAGES)
+        return stages
 
     def index(part: str, default: int) -> int:
         part = part.strip()
         if not part:
             return default
-        if part.isdigit() and 1 <= int(part) <= len(STAGES):
+        if part.isdigit() and 1 <= int(part) <= len(stages):
             return int(part) - 1
-        if part in STAGES:
-            return STAGES.index(part)
+        if part in stages:
+            return stages.index(part)
         raise UserError(
-            f"--stages {text!r}: {part!r} is not a stage; use 1-4 or {', '.join(STAGES)}"
+            f"--stages {text!r}: {part!r} is not a stage; use 1-{len(stages)} or {', '.join(stages)}"
         )
 
     # names use underscores, so after this a dash can only separate the two ends of a range
     first, sep, last = text.replace("self-align", "self_align").partition("-")
     lo = index(first, 0)
-    hi = index(last, len(STAGES) - 1) if sep else lo
+    hi = index(last, len(stages) - 1) if sep else lo
     if lo > hi:
         raise UserError(f"--stages {text!r}: the range runs backwards")
-    return list(STAGES[lo : hi + 1])
+    return stages[lo : hi + 1]
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -255,115 +247,135 @@ class Pipeline:
         self.events = events or Events()
         self.command = command
         self.constitution = stage_constitution(cfg.self_align)
-        self.identity = self.constitution.identity
         self._backend: Backend | None = None
+        self._backend_model: str | None = None
 
     def dir(self, stage: str) -> Path:
-        return self.run / FOLDERS[stage]
+        return STAGE[stage].path(self.run)
 
     # which stages to run ------------------------------------------------------------------------
 
-    def plan(self, manifest: Manifest, stages: list[str], force: Iterable[str]) -> list[str]:
-        """The stages to run now; resets forced ones (and everything after them)."""
-        force = set(force)
-        unknown = force - set(STAGES)
-        if unknown:
-            raise UserError(f"--force {sorted(unknown)[0]!r}: not a stage; use {', '.join(STAGES)}")
+    def plan(self, manifest: Manifest, stages: list[str], force: Iterable[str]) -> list[_Todo]:
+        """The stages to run now, in order. Changes nothing on disk.
+
+        A forced stage, a stale one, and every selected stage after one of those is redone from
+        scratch; a done stage whose settings changed is refused; one whose inputs are missing is
+        refused naming the stage that makes them."""
+        force = _check_force(set(force), stages)
         hashes, settings = stage_hashes(self.cfg), stage_configs(self.cfg)
-        first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
-        todo = []
-        for i, stage in enumerate(STAGES):
-            entry = manifest.stage(stage)
-            if i >= first_forced and entry["status"] != "pending":
-                self._reset(manifest, stage)
-                entry = manifest.stage(stage)
-            if stage not in stages:
+        todo: list[_Todo] = []
+        cascade = False  # an earlier selected stage is redone, so this one's inputs change
+        for stage in STAGES:
+            if stage.name not in stages:
                 continue
-            if entry["status"] != "pending" and entry.get("config_hash") != hashes[stage]:
-                changed = [
-                    k if k.startswith(("model", "constitution")) else f"{stage}.{k}"
-                    for k in _changed_keys(entry.get("settings", {}), settings[stage])
-                ]
-                what = ", ".join(changed[:5]) or "an earlier stage's settings"
-                raise UserError(
-                    f"stage {stage!r} already ran ({entry['status']}) with different settings "
-                    f"({what}); rerun with --force {stage} to redo it and the stages after it"
+            entry = manifest.stage(stage.name)
+            redo = cascade or stage.name in force or entry["status"] == "stale"
+            cascade = redo
+            if (
+                not redo
+                and entry["status"] != "pending"
+                and entry.get("config_hash") != hashes[stage.name]
+            ):
+                raise UserError(_changed_message(stage.name, entry, settings[stage.name]))
+            if entry["status"] == "done" and not redo:
+                self.events(
+                    "stage_skipped", f"[{stage.name}] done already, skipped", stage=stage.name
                 )
-            if entry["status"] == "done":
-                self.events("stage_skipped", f"[{stage}] done already, skipped", stage=stage)
                 continue
             self._check_inputs(manifest, stage, stages)
-            todo.append(stage)
+            todo.append(_Todo(stage, redo and entry["status"] != "pending"))
         return todo
 
-    def _check_inputs(self, manifest: Manifest, stage: str, selected: list[str]) -> None:
-        i = STAGES.index(stage)
-        if (
-            i
-            and STAGES[i - 1] not in selected
-            and manifest.stage(STAGES[i - 1])["status"] != "done"
-        ):
-            raise UserError(
-                f"stage {stage!r} needs stage {STAGES[i - 1]!r}, which is not done; "
-                f"include it in --stages"
-            )
-
-    def _reset(self, manifest: Manifest, stage: str) -> None:
-        folder = self.dir(stage)
-        if folder.exists():
-            shutil.rmtree(folder)
-        manifest.reset(stage)
-        self.events("stage_reset", f"[{stage}] forced: previous outputs removed", stage=stage)
+    def _check_inputs(self, manifest: Manifest, stage: Stage, selected: list[str]) -> None:
+        for producer in producers(stage):
+            if producer.name not in selected and manifest.stage(producer.name)["status"] != "done":
+                raise UserError(
+                    f"stage {stage.name!r} needs stage {producer.name!r} "
+                    f"({', '.join(i for i in stage.inputs if i in producer.outputs)}), which is not "
+                    f"done; include it: --stages {producer.number}-{stage.number}"
+                )
 
     # running ------------------------------------------------------------------------------------
 
     def execute(self, stages: list[str] | None = None, force: Iterable[str] = ()) -> Manifest:
         self.run.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest.load(self.run, names())
+        todo = self.plan(manifest, stages or names(), force)
+        # only a run that is going ahead records its settings (a refused one leaves them as they were)
         write_text_atomic(self.run / "config.yaml", dump_config(self.cfg))
-        manifest = Manifest.load(self.run)
         manifest.data.update(
             versions=versions(), seed=self.cfg.seed, config_hash=config_hash(self.cfg.model_dump())
         )
+        self._mark_stale(manifest, todo, stages or names())
         manifest.save()
-        hashes, settings = stage_hashes(self.cfg), stage_configs(self.cfg)
-        for stage in self.plan(manifest, stages or list(STAGES), force):
-            manifest.start(stage, hashes[stage])
-            manifest.stage(stage)["settings"] = settings[stage]
-            self.events("stage_start", f"[{stage}] starting", stage=stage)
-            started = time.perf_counter()
-            try:
-                counts, outputs = getattr(self, f"_{stage}")()
-            except BaseException as e:
-                message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-                manifest.fail(stage, message.splitlines()[0] if message else type(e).__name__,
-                              time.perf_counter() - started)  # fmt: skip
-                self.events("stage_failed", f"[{stage}] failed: {message}", stage=stage)
-                raise
-            seconds = time.perf_counter() - started
-            manifest.finish(stage, counts, [str(p.relative_to(self.run)) for p in outputs], seconds)
-            self.events(
-                "stage_done",
-                f"[{stage}] done in {seconds:.0f}s: {summarize(counts)}",
-                stage=stage,
-                seconds=round(seconds, 2),
-                counts=counts,
-            )
-        self._release()
+        try:
+            for item in todo:
+                self._run_stage(manifest, item)
+        finally:
+            self.release()
         return manifest
+
+    def _mark_stale(self, manifest: Manifest, todo: list[_Todo], selected: list[str]) -> None:
+        """Done stages after a redone one, outside the selection, no longer match their inputs."""
+        redone = [t.stage.number for t in todo if t.redo]
+        if not redone:
+            return
+        for stage in STAGES[min(redone) :]:
+            entry = manifest.stage(stage.name)
+            if stage.name not in selected and entry["status"] != "pending":
+                entry["status"] = "stale"
+                self.events("stage_stale", f"[{stage.name}] marked stale: an earlier stage is "
+                            "redone; it is redone the next time it is selected", stage=stage.name)  # fmt: skip
+
+    def _run_stage(self, manifest: Manifest, item: _Todo) -> None:
+        stage = item.stage
+        if item.redo:
+            self._reset(manifest, stage)
+        manifest.start(stage.name, stage_hashes(self.cfg)[stage.name])
+        manifest.stage(stage.name)["settings"] = stage_configs(self.cfg)[stage.name]
+        self.events("stage_start", f"[{stage.name}] starting", stage=stage.name)
+        started = time.perf_counter()
+        try:
+            counts, outputs = stage.run(self)
+        except BaseException as e:
+            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            first = message.splitlines()[0] if message.strip() else type(e).__name__
+            manifest.fail(stage.name, first, time.perf_counter() - started)
+            self.events("stage_failed", f"[{stage.name}] failed: {first}", stage=stage.name)
+            raise
+        seconds = time.perf_counter() - started
+        manifest.finish(
+            stage.name, counts, [str(p.relative_to(self.run)) for p in outputs], seconds
+        )
+        self.events("stage_done", f"[{stage.name}] done in {seconds:.0f}s: {summarize(counts)}",
+                    stage=stage.name, seconds=round(seconds, 2), counts=counts)  # fmt: skip
+
+    def _reset(self, manifest: Manifest, stage: Stage) -> None:
+        folder = stage.path(self.run)
+        if folder.exists():
+            shutil.rmtree(folder)
+        manifest.reset(stage.name)
+        self.events(
+            "stage_reset", f"[{stage.name}] redone: previous outputs removed", stage=stage.name
+        )
+
+    # what the stages use ------------------------------------------------------------------------
 
     def backend(self, model: str | None = None) -> Backend:
         """The generation backend: the base model, or `model` (stage 4: the engraved one)."""
         wanted = model or self.cfg.model.model
         if self._backend is not None and self._backend_model != wanted:
-            self._release()
+            self.release()
         if self._backend is None:
             self._backend = load_backend(self.cfg.model.model_copy(update={"model": wanted}))
             self._backend_model = wanted
         return self._backend
 
-    def _release(self) -> None:
-        """Free the generation model before training (GPU memory is needed for the trainer)."""
-        self._backend = None
+    def release(self) -> None:
+        """Close the generation model before training (the trainer needs its GPU memory)."""
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = self._backend_model = None
         gc.collect()
         try:
             import torch
@@ -373,87 +385,49 @@ class Pipeline:
         except ImportError:  # pragma: no cover
             pass
 
-    # the four stages: each returns (counts, outputs) --------------------------------------------
+    def step_done(self, step: str, counts: dict[str, Any]) -> None:
+        self.events("step_done", f"  {step}: {summarize(counts)}", step=step, counts=counts)
 
-    def _instructions(self) -> tuple[dict[str, Any], list[Path]]:
-        out, cfg, backend = self.dir("instructions"), self.cfg.instructions, self.backend()
-        steps: dict[str, dict[str, Any]] = {}
-        for name, step, step_cfg in (
-            ("self_instruct", run_self_instruct, cfg.self_instruct),
-            ("topics", run_topics, cfg.topics),
-            ("questions", run_questions, cfg.questions),
-            ("merge", run_merge, cfg.merge),
-        ):
-            steps[name] = step(step_cfg, backend, out)
-            self.events("step_done", f"  {name}: {summarize(steps[name])}", step=name,
-                        counts=steps[name])  # fmt: skip
-        rejected = read_jsonl(out / "rejected.jsonl")
-        counts = {
-            "generated": sum(s.get("generated", 0) for s in steps.values()),
-            "kept": steps["merge"].get("kept", 0),
-            "rejected": len(rejected),
-            "rejected_by_reason": _by_reason(rejected),
-            "steps": steps,
-        }
-        names = ("self_instruct", "topics", "tgrt_questions", "instructions", "rejected")
-        return counts, [out / f"{n}.jsonl" for n in names]
-
-    def _self_align(self) -> tuple[dict[str, Any], list[Path]]:
-        out = self.dir("self_align")
-        instructions = self.dir("instructions") / "instructions.jsonl"
-        counts = run_self_align(self.cfg.self_align, self.backend(), instructions, out)
-        return counts, [out / f"{n}.jsonl" for n in ("aligned", "identity", "sft", "rejected")]
-
-    def _engrave(self) -> tuple[dict[str, Any], list[Path]]:
-        self._release()
-        train = self.cfg.engrave
-        if not train.model:
-            train = train.model_copy(update={"model": self.cfg.model.model})
-        model_dir = self.dir("engrave") / "model"
-        stats = run_engrave(
-            train,
-            self.dir("self_align") / "sft.jsonl",
-            model_dir,
-            self.identity,
-            constitution=self.cfg.self_align.constitution,
-            command=self.command or None,
-        )
-        return _train_counts(stats), [model_dir]
-
-    def _verbose(self) -> tuple[dict[str, Any], list[Path]]:
-        out, engraved = self.dir("verbose"), self.dir("engrave") / "model"
-        counts = run_verbose(
-            self.cfg.verbose,
-            self.backend(str(engraved)),
-            self.dir("self_align") / "aligned.jsonl",
-            out,
-            self.identity,
-            exemplar_texts=[t for ex in self.constitution.exemplars for t in ex.texts()],
-        )
-        self._release()
-        stats = run_final_sft(
-            self.cfg.verbose,
-            out / "verbose.jsonl",
-            out / "model",
-            self.identity,
-            base_model=self.cfg.model.model,
-            constitution=self.cfg.self_align.constitution,
-        )
-        counts["final_model"] = _train_counts(stats)
-        outputs = [out / "verbose.jsonl", out / "rejected.jsonl", out / "model"]
-        return counts, outputs
+    @staticmethod
+    def rejections(path: Path) -> dict[str, Any]:
+        """`rejected` and `rejected_by_reason` counts of a rejected.jsonl."""
+        rejected = read_jsonl(path) if path.exists() else []
+        reasons = Counter(r.get("reason", "unknown") for r in rejected)
+        return {"rejected": len(rejected), "rejected_by_reason": dict(reasons.most_common())}
 
 
-def _by_reason(rejected: list[dict[str, Any]]) -> dict[str, int]:
-    reasons: dict[str, int] = {}
-    for r in rejected:
-        reasons[r.get("reason", "unknown")] = reasons.get(r.get("reason", "unknown"), 0) + 1
-    return dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+@dataclass(frozen=True)
+class _Todo:
+    """A stage to run now; `redo`: remove its previous outputs first."""
+
+    stage: Stage
+    redo: bool
 
 
-def _train_counts(stats: dict[str, Any]) -> dict[str, Any]:
-    keep = ("examples", "truncated", "dropped", "steps", "train_loss", "seconds")
-    return {k: stats[k] for k in keep if k in stats}
+def _check_force(force: set[str], selected: list[str]) -> set[str]:
+    """--force names selected stages only: forcing one that does not run would delete and redo
+    nothing (or delete work it cannot redo)."""
+    for name in sorted(force, key=lambda n: names().index(n) if n in names() else -1):
+        if name not in names():
+            raise UserError(f"--force {name!r}: not a stage; use {', '.join(names())}")
+        if name not in selected:
+            raise UserError(
+                f"--force {name}: stage {name!r} is not among the stages to run "
+                f"({', '.join(selected)}); add it to --stages, e.g. --stages {STAGE[name].number}-"
+            )
+    return force
+
+
+def _changed_message(stage: str, entry: dict[str, Any], settings: dict[str, Any]) -> str:
+    changed = [
+        k if k.startswith(("model", "constitution")) else f"{stage}.{k}"
+        for k in _changed_keys(entry.get("settings", {}), settings)
+    ]
+    what = ", ".join(changed[:5]) or "an earlier stage's settings"
+    return (
+        f"stage {stage!r} already ran ({entry['status']}) with different settings ({what}); "
+        f"rerun with --force {stage} to redo it and the stages after it"
+    )
 
 
 def run_pipeline(

@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from selfalign.jsonl import read_jsonl, write_text_atomic
+from selfalign.run.manifest import read_manifest
+from selfalign.run.registry import STAGE, STAGES
 
-STAGE_DIRS = {
-    "instructions": ("1_instructions", "instructions.jsonl"),
-    "self_align": ("2_self_align", "aligned.jsonl"),
-    "verbose": ("4_verbose", "verbose.jsonl"),
-}
-SIMILARITY_KEYS = ("max_similarity", "rouge_l", "similarity", "max_rouge_l")
+SAMPLE_COLUMNS = ("id", "reason", "instruction", "input", "output", "completion", "question_type")
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7fb}
@@ -109,19 +106,19 @@ def funnel_counts(kept: list[dict], rejected: list[dict]) -> dict[str, int]:
     return counts
 
 
-def _funnels(run: Path) -> str:
-    figures = []
-    for stage, (folder, kept_name) in STAGE_DIRS.items():
-        kept, rejected = _load(run / folder / kept_name), _load(run / folder / "rejected.jsonl")
-        if kept or rejected:
-            figures.append(_bars(funnel_counts(kept, rejected), f"{stage}: funnel"))
-    return "".join(figures)
+def _kept_and_rejected(run: Path) -> list[tuple[str, list[dict], list[dict]]]:
+    """(stage, kept records, rejected records) of every stage that keeps a dataset."""
+    return [
+        (s.name, _load(s.path(run, s.kept)), _load(s.path(run, "rejected.jsonl")))
+        for s in STAGES
+        if s.kept
+    ]
 
 
 def _citations(run: Path, aligned: list[dict[str, Any]]) -> dict[str, int]:
     """Principle -> kept answers citing it: stage 2's histogram ('3 (helpful)', every principle)
     when its stats.json is there, else counted from the rows."""
-    stats = run / "2_self_align" / "stats.json"
+    stats = STAGE["self_align"].path(run, "stats.json")
     if stats.exists():
         try:
             histogram = json.loads(stats.read_text()).get("citations")
@@ -135,8 +132,8 @@ def _citations(run: Path, aligned: list[dict[str, Any]]) -> dict[str, int]:
 
 def _losses(run: Path) -> str:
     figures = []
-    for folder in ("3_engrave", "4_verbose"):
-        for log in sorted((run / folder).glob("**/training_log.jsonl")):
+    for stage in STAGES:
+        for log in sorted(stage.path(run).glob("**/training_log.jsonl")):
             rows = [r for r in _load(log) if "loss" in r and "step" in r]
             if rows:
 
@@ -149,155 +146,128 @@ def _losses(run: Path) -> str:
     return "".join(figures)
 
 
-def build_report(run: str | Path) -> str:
-    """The report's HTML for the run directory `run`."""
-    run = Path(run)
-    manifest = (
-        json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
-    )
-    instructions = _load(run / "1_instructions" / "instructions.jsonl")
-    topics = _load(run / "1_instructions" / "topics.jsonl")
-    aligned = _load(run / "2_self_align" / "aligned.jsonl")
-    verbose = _load(run / "4_verbose" / "verbose.jsonl")
-    sections = []
+class _Data:
+    """The run's files the sections draw on, read once."""
 
-    stages = manifest.get("stages", {})
-    if stages:
-        rows = [
-            f'<tr><td>{html.escape(name)}</td><td class="{html.escape(s.get("status", ""))}">'
-            f"{html.escape(s.get('status', ''))}</td><td>{s.get('seconds', '')}</td>"
-            f"<td>{html.escape(json.dumps(s.get('counts', {}), ensure_ascii=False)[:600])}</td></tr>"
-            for name, s in stages.items()
-        ]
-        sections.append(
-            _section(
-                "Stages",
-                "<table><tr><th>stage</th><th>status</th><th>seconds</th><th>counts</th></tr>"
-                + "".join(rows)
-                + "</table>",
-                "stages",
-            )
-        )
+    def __init__(self, run: Path):
+        self.run = run
+        path = run / "manifest.json"
+        self.manifest = read_manifest(path) if path.exists() else {}
+        self.stages = _kept_and_rejected(run)
+        kept = {name: rows for name, rows, _ in self.stages}
+        self.instructions, self.aligned = kept["instructions"], kept["self_align"]
+        self.verbose = kept["verbose"]
+        self.topics = _load(STAGE["instructions"].path(run, "topics.jsonl"))
 
-    funnels = _funnels(run)
-    if funnels:
-        sections.append(
-            _section("Funnel per stage", f'<div class="grid">{funnels}</div>', "funnels")
-        )
 
-    if instructions:
-        figures = [
-            _bars(
-                dict(Counter(r.get("source", "?") for r in instructions).most_common()),
-                "instructions per source",
-            )
-        ]
-        types = Counter(r.get("question_type") for r in instructions if r.get("question_type"))
-        if types:
-            figures.append(_bars(dict(types.most_common()), "TGRT instructions per question type"))
-        sections.append(
-            _section("Instructions", f'<div class="grid">{"".join(figures)}</div>', "instructions")
-        )
-
-    if topics:
-        per_type = Counter(r.get("question_type", "?") for r in topics)
-        sections.append(
-            _section(
-                "Topics per question type",
-                _bars(dict(per_type.most_common()), "topics per type"),
-                "topics",
-            )
-        )
-
-    similarity = [
-        float(r[k])
-        for r in instructions
-        for k in SIMILARITY_KEYS
-        if isinstance(r.get(k), int | float)
+def _stages(d: _Data) -> str:
+    stages = d.manifest.get("stages", {})
+    if not stages:
+        return ""
+    rows = [
+        f'<tr><td>{html.escape(name)}</td><td class="{html.escape(s.get("status", ""))}">'
+        f"{html.escape(s.get('status', ''))}</td><td>{s.get('seconds', '')}</td>"
+        f"<td>{html.escape(json.dumps(s.get('counts', {}), ensure_ascii=False)[:600])}</td></tr>"
+        for name, s in stages.items()
     ]
-    if similarity:
-        sections.append(
-            _section(
-                "ROUGE-L similarity",
-                _hist(similarity, "max ROUGE-L F1 to the pool (kept instructions)"),
-                "similarity",
-            )
-        )
+    head = "<tr><th>stage</th><th>status</th><th>seconds</th><th>counts</th></tr>"
+    return _section("Stages", f"<table>{head}{''.join(rows)}</table>", "stages")
 
-    lengths = []
-    if instructions:
-        lengths.append(
-            _hist(
-                [_words(r.get("instruction")) for r in instructions], "instruction length (words)"
-            )
-        )
-    if aligned:
-        lengths.append(
-            _hist([_words(r.get("output")) for r in aligned], "self-aligned answer length (words)")
-        )
-    if verbose:
-        lengths.append(
-            _hist([_words(r.get("output")) for r in verbose], "verbose answer length (words)")
-        )
-    if lengths:
-        sections.append(
-            _section("Lengths", f'<div class="grid">{"".join(lengths)}</div>', "lengths")
-        )
 
-    citations = _citations(run, aligned)
-    if citations:
-        sections.append(
-            _section(
-                "Principle citations",
-                _bars(citations, "principles cited in internal thoughts"),
-                "principles",
-            )
-        )
+def _funnels(d: _Data) -> str:
+    figures = [_bars(funnel_counts(kept, rejected), f"{name}: funnel")
+               for name, kept, rejected in d.stages if kept or rejected]  # fmt: skip
+    return _grid("Funnel per stage", figures, "funnels")
 
-    losses = _losses(run)
-    if losses:
-        sections.append(_section("Training", f'<div class="grid">{losses}</div>', "training"))
 
-    samples = []
-    for stage, (folder, kept_name) in STAGE_DIRS.items():
-        kept, rejected = (
-            _load(run / folder / kept_name)[:5],
-            _load(run / folder / "rejected.jsonl")[:5],
+def _instruction_sources(d: _Data) -> str:
+    if not d.instructions:
+        return ""
+    sources = Counter(r.get("source", "?") for r in d.instructions)
+    figures = [_bars(dict(sources.most_common()), "instructions per source")]
+    types = Counter(r.get("question_type") for r in d.instructions if r.get("question_type"))
+    if types:
+        figures.append(_bars(dict(types.most_common()), "TGRT instructions per question type"))
+    return _grid("Instructions", figures, "instructions")
+
+
+def _topics(d: _Data) -> str:
+    if not d.topics:
+        return ""
+    per_type = Counter(r.get("question_type", "?") for r in d.topics)
+    return _section(
+        "Topics per question type", _bars(dict(per_type.most_common()), "topics per type"), "topics"
+    )
+
+
+def _similarity(d: _Data) -> str:
+    values = [float(r["max_similarity"]) for r in d.instructions
+              if isinstance(r.get("max_similarity"), int | float)]  # fmt: skip
+    if not values:
+        return ""
+    title = "max ROUGE-L F1 to the pool (kept instructions)"
+    return _section("ROUGE-L similarity", _hist(values, title), "similarity")
+
+
+def _lengths(d: _Data) -> str:
+    figures = [
+        _hist([_words(r.get(field)) for r in rows], title)
+        for rows, field, title in (
+            (d.instructions, "instruction", "instruction length (words)"),
+            (d.aligned, "output", "self-aligned answer length (words)"),
+            (d.verbose, "output", "verbose answer length (words)"),
         )
-        for label, rows in (("kept", kept), ("rejected", rejected)):
+        if rows
+    ]
+    return _grid("Lengths", figures, "lengths")
+
+
+def _principles(d: _Data) -> str:
+    citations = _citations(d.run, d.aligned)
+    if not citations:
+        return ""
+    title = "principles cited in internal thoughts"
+    return _section("Principle citations", _bars(citations, title), "principles")
+
+
+def _training(d: _Data) -> str:
+    losses = _losses(d.run)
+    return _section("Training", f'<div class="grid">{losses}</div>', "training") if losses else ""
+
+
+def _samples(d: _Data) -> str:
+    parts = []
+    for name, kept, rejected in d.stages:
+        for label, rows in (("kept", kept[:5]), ("rejected", rejected[:5])):
             if rows:
-                columns = [
-                    c
-                    for c in (
-                        "id",
-                        "reason",
-                        "instruction",
-                        "input",
-                        "output",
-                        "completion",
-                        "question_type",
-                    )
-                    if any(c in r for r in rows)
-                ]
-                samples.append(f"<h3>{html.escape(stage)}: {label}</h3>" + _table(rows, columns))
-    if samples:
-        sections.append(_section("Sample records", "".join(samples), "samples"))
+                columns = [c for c in SAMPLE_COLUMNS if any(c in r for r in rows)]
+                parts.append(f"<h3>{html.escape(name)}: {label}</h3>" + _table(rows, columns))
+    return _section("Sample records", "".join(parts), "samples") if parts else ""
 
-    if manifest:
-        sections.append(
-            _section(
-                "Manifest",
-                f"<pre>{html.escape(json.dumps(manifest, indent=2, ensure_ascii=False))}</pre>",
-                "manifest",
-            )
-        )
 
+def _manifest(d: _Data) -> str:
+    if not d.manifest:
+        return ""
+    text = html.escape(json.dumps(d.manifest, indent=2, ensure_ascii=False))
+    return _section("Manifest", f"<pre>{text}</pre>", "manifest")
+
+
+def _grid(title: str, figures: list[str], anchor: str) -> str:
+    return _section(title, f'<div class="grid">{"".join(figures)}</div>', anchor) if figures else ""
+
+
+SECTIONS = (_stages, _funnels, _instruction_sources, _topics, _similarity, _lengths,
+            _principles, _training, _samples, _manifest)  # fmt: skip
+
+
+def build_report(run: str | Path) -> str:
+    """The report's HTML for the run directory `run`: every section that has data."""
+    run = Path(run)
+    data = _Data(run)
+    sections = [html_ for section in SECTIONS if (html_ := section(data))]
     if not sections:
-        sections.append(
-            _section(
-                "Nothing yet", '<p class="muted">This run has produced no data yet.</p>', "empty"
-            )
-        )
+        empty = '<p class="muted">This run has produced no data yet.</p>'
+        sections.append(_section("Nothing yet", empty, "empty"))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>selfalign report: {html.escape(run.name)}</title><style>{CSS}</style></head><body>"

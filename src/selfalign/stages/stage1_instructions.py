@@ -1035,12 +1035,10 @@ def _check_shards(out_dir: Path, step: str, files: list[Path], allow_missing: bo
             )
 
 
-def run_merge(
-    cfg: MergeConfig, backend: Backend | None, out_dir: str | Path, shard: Any = None
-) -> dict[str, Any]:
+def run_merge(cfg: MergeConfig, out_dir: str | Path) -> dict[str, Any]:
     """Merge every self-instruct and TGRT file of `out_dir` (all shards) into `instructions.jsonl`.
 
-    Needs no backend (the argument keeps the steps' signature). Records are decided in a fixed
+    Needs no model. Records are decided in a fixed
     order (self-instruct shards, then TGRT shards): exact duplicates (same normalised
     instruction and input) are dropped, then the ROUGE-L filter runs over the whole merged set,
     seeds first. The kept records are shuffled with the config seed.
