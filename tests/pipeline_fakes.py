@@ -60,19 +60,25 @@ class Responder:
         raise AssertionError(f"unexpected prompt ending: {tail[-80:]!r}")
 
 
-def install(monkeypatch_or_none=None, kill_after: int | None = None):
-    """Make the pipeline generate with the Responder (the tokenizer comes from the model dir)."""
+def install(monkeypatch_or_none=None, kill_after: int | None = None, server: bool = False):
+    """Make the pipeline generate with the Responder. Like a transformers backend it has the
+    model's tokenizer; with `server=True` it is like an OpenAI-compatible server instead: no
+    tokenizer, order-1 n-gram penalties only (stage 4 then takes the engraved model's tokenizer)."""
     from transformers import AutoTokenizer
 
     import selfalign.run.pipeline as pipeline
+    from selfalign.generation.openai_backend import OpenAIBackend
     from selfalign.generation.scripted import ScriptedBackend
 
     responder = Responder(kill_after)
 
     def load_backend(cfg):
-        backend = ScriptedBackend(responder, batch_size=cfg.batch_size)
-        backend.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        return backend
+        if server:
+            return ScriptedBackend(
+                responder, cfg.batch_size, capabilities=OpenAIBackend.CAPABILITIES
+            )
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        return ScriptedBackend(responder, cfg.batch_size, tokenizer=tokenizer)
 
     if monkeypatch_or_none is None:
         pipeline.load_backend = load_backend

@@ -238,6 +238,40 @@ def test_engrave_then_verbose_clone_then_chat(tiny_model_dir, tmp_path, monkeypa
 
     for model_dir in (final, final / "adapter"):
         code, out, err = cli(monkeypatch, capsys, "chat", str(model_dir), "--device", "cpu", "--temperature", "0",
-                             "--max-new-tokens", "8", stdin="Hello\n/reset\nWho are you?\n/exit\n")  # fmt: skip
+                             "--max-new-tokens", "8", stdin="Hello\nWho are you?\n/reset\nWho are you?\n/exit\n")  # fmt: skip
         assert code in (0, None), err
-        assert "/reset" in out and "(conversation reset)" in out
+        check_chat_transcript(model_dir, out, max_new_tokens=8)
+
+
+def greedy_reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+    """The reply `chat` should show: plain `generate` on the chat-template prompt, greedy, cut
+    at the first turn marker."""
+    from selfalign.text.conversation import TURN_STOPS
+
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    cut = min((i for s in TURN_STOPS if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def check_chat_transcript(model_dir, out: str, max_new_tokens: int) -> None:
+    """`out` is the session Hello / Who are you? / /reset / Who are you? / /exit: each reply is
+    the model's greedy answer to the conversation so far, and the reset forgot the first two turns."""
+    from selfalign.chat import HELP
+    from selfalign.modeling import load_model
+
+    model, tokenizer, _ = load_model(str(model_dir), "cpu", "auto")
+    hello = {"role": "user", "content": "Hello"}
+    who = {"role": "user", "content": "Who are you?"}
+    first = greedy_reply(model, tokenizer, [hello], max_new_tokens)
+    with_history = [hello, {"role": "assistant", "content": first}, who]
+    second = greedy_reply(model, tokenizer, with_history, max_new_tokens)
+    fresh = greedy_reply(model, tokenizer, [who], max_new_tokens)
+    assert fresh != second  # the history changes the answer, so a reset that kept it would show
+    # the prompt "\n> " goes to stdout before each line read; each reply ends with a newline
+    pieces = out[out.index(HELP) :].split("\n> ")
+    assert [p.strip() for p in pieces] == [HELP, first, second, "(conversation reset)", fresh, ""]

@@ -117,50 +117,49 @@ def test_seeded_sampling_reproducible(tiny_model_dir, tmp_path):
 
 
 def test_logit_bias_stop_and_ngram_options(tiny_model_dir, tmp_path):
+    """Each option's effect, against the same greedy run without it."""
+    from test_transformers_backend import adjacent_repeats, lone_ascii_tokens
+
     from selfalign.modeling import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     inp = write_prompts(tmp_path / "in.jsonl", 8)
-    gen(tiny_model_dir, inp, tmp_path / "g.jsonl", "--temperature", "0", "--max-tokens", "12")
-    greedy = read_jsonl(tmp_path / "g.jsonl")
-    banned = tok(greedy[0]["completion"], add_special_tokens=False)["input_ids"][0]
-    gen(
-        tiny_model_dir,
-        inp,
-        tmp_path / "b.jsonl",
-        "--temperature",
-        "1",
-        "--seed",
-        "3",
-        "--max-tokens",
-        "12",
-        "--logit-bias",
-        f"{banned}=-100",
-        "--ngram-penalty",
-        "3=1.0",
-        "--ngram-penalty",
-        "4=2",
-    )
-    for r in read_jsonl(tmp_path / "b.jsonl"):
-        assert banned not in tok(r["completion"], add_special_tokens=False)["input_ids"]
+    greedy_args = ("--temperature", "0", "--max-tokens", "12")
+
+    def completions(name: str, *args: str) -> list[dict]:
+        gen(tiny_model_dir, inp, tmp_path / name, *greedy_args, *args)
+        return read_jsonl(tmp_path / name)
+
+    greedy = completions("g.jsonl")
+
+    # --logit-bias ID=-100: a token the run without it produces never appears (a lone ASCII
+    # token: its character is in the text exactly when the token was generated)
+    seen = {i: sum(r["completion"].count(ch) for r in greedy) for i, ch in lone_ascii_tokens(tok).items()}  # fmt: skip
+    banned = max(seen, key=seen.get)
+    assert seen[banned] > 0
+    for r in completions("b.jsonl", "--logit-bias", f"{banned}=-100"):
+        assert tok.decode([banned]) not in r["completion"]
+
+    # --stop: each completion is cut where the stop string first appears in the greedy one
     stop = greedy[0]["completion"][2:5]
-    gen(
-        tiny_model_dir,
-        inp,
-        tmp_path / "s.jsonl",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "12",
-        "--stop",
-        stop,
-        "--stop",
-        "@@@",
-    )
-    for full, r in zip(greedy, read_jsonl(tmp_path / "s.jsonl"), strict=True):
-        assert stop not in r["completion"]
-        if stop in full["completion"]:
-            assert r["finish_reason"] == "stop"
+    assert stop.strip()
+    cut = completions("s.jsonl", "--stop", stop, "--stop", "@@@")
+    for full, r in zip(greedy, cut, strict=True):
+        text = full["completion"]
+        if stop in text:
+            assert r["finish_reason"] == "stop" and r["completion"] == text[: text.index(stop)]
+        else:
+            assert r["completion"] == text
+    assert cut[0]["finish_reason"] == "stop"
+
+    # --ngram-penalty: a token pushed to win every step repeats less with it than without it
+    the = tok.convert_tokens_to_ids("Ġthe")
+    pushed = completions("p.jsonl", "--logit-bias", f"{the}=30")
+    assert all(r["completion"] == " the" * 12 for r in pushed)
+    penalised = completions("n.jsonl", "--logit-bias", f"{the}=30", "--ngram-penalty", "2=40",
+                            "--ngram-penalty", "3=1.0")  # fmt: skip
+    for full, r in zip(pushed, penalised, strict=True):
+        assert adjacent_repeats(r["completion"]) < adjacent_repeats(full["completion"]) == 11
 
 
 def test_rerun_skips_done_ids(tiny_model_dir, tmp_path):
@@ -236,12 +235,13 @@ def test_sigkill_midway_then_rerun_gives_every_record_once(tiny_model_dir, tmp_p
         ("bad_ngram", "n-gram penalty orders must be 1..4"),
         ("bad_bias", "--logit-bias"),
         ("corrupt_output", "out.jsonl:1: malformed JSON"),
+        ("unhashed_output", "record 'r0' has no prompt_sha/settings_sha"),
     ],
 )
 def test_bad_input_is_one_line_error_and_output_intact(tiny_model_dir, tmp_path, case, expect):
     inp = write_prompts(tmp_path / "in.jsonl", 3)
     out = tmp_path / "out.jsonl"
-    out.write_text('{"id": "r0", "completion": "kept"}\n')
+    out.write_text('{"id": "r9", "completion": "kept"}\n')  # an id not asked for: left alone
     model, extra = str(tiny_model_dir), []
     if case == "missing_input":
         inp = tmp_path / "nope.jsonl"
@@ -261,6 +261,8 @@ def test_bad_input_is_one_line_error_and_output_intact(tiny_model_dir, tmp_path,
         extra = ["--logit-bias", "abc"]
     elif case == "corrupt_output":
         out.write_text("not json\n{}\n")
+    elif case == "unhashed_output":  # written before records carried their prompt's hash
+        out.write_text('{"id": "r0", "completion": "kept"}\n')
     before = out.read_text()
     proc = gen(model, inp, out, *extra, check=False)
     assert proc.returncode != 0

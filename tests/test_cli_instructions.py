@@ -27,29 +27,39 @@ def selfalign(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _summary(proc: subprocess.CompletedProcess) -> dict:
+    """The counts of a step's one-line summary, its rejection reasons under 'rejected'."""
     line = proc.stderr.strip().splitlines()[0]
-    return json.loads(line.split(": ", 1)[1].rsplit(" rejected=", 1)[0])
+    counts, rejected = line.split(": ", 1)[1].rsplit(" rejected=", 1)
+    return {**json.loads(counts), "rejected": json.loads(rejected)}
 
 
 @pytest.mark.slow
 def test_every_subcommand_writes_its_files_and_counts(tiny_model_dir, tmp_path):
+    """Each command's one-line summary states the counts of the files it wrote."""
+    from test_instructions import check_merge_files, check_step_files
+
     out, model = tmp_path / "out", tiny_model_dir
     si = selfalign("self-instruct", "--model", model, "--out-dir", out, "--num-instructions", 2,
                    "--prompts-per-round", 4, "--max-rounds", 1, *SMALL)  # fmt: skip
-    assert _summary(si)["prompts"] == 4 and "warning: kept 0 of 2" in si.stderr
+    instructions = check_step_files(_summary(si), out, "self_instruct")
+    assert _summary(si)["prompts"] == 4
+    assert (f"warning: kept {len(instructions)} of 2" in si.stderr) == (len(instructions) < 2)
+
     topics = selfalign("topics", "--model", model, "--out-dir", out, "--epochs", 1,
                        "--max-prompts-per-type", 1, *SMALL)  # fmt: skip
-    assert _summary(topics)["prompts"] == 20
+    kept_topics = check_step_files(_summary(topics), out, "topics")
+    assert _summary(topics)["prompts"] == 20 and len(kept_topics) >= 20  # a seed topic per type
+    assert _summary(topics)["seed_topics"] == sum(t["source"] == "seed" for t in kept_topics)
+
     questions = selfalign("questions", "--model", model, "--out-dir", out,
                           "--max-topics-per-type", 1, "--shard", "0/1", *SMALL)  # fmt: skip
-    assert _summary(questions)["hints"] == 20
-    merged = selfalign("merge-instructions", "--out-dir", out, "--threshold", "0.7")
-    assert _summary(merged)["step"] == "merge"
-    for name in ("self_instruct", "topics", "tgrt_questions"):
-        for suffix in ("", ".raw", ".rejected"):
-            assert (out / f"{name}{suffix}.jsonl").exists(), name + suffix
-    assert (out / "instructions.jsonl").exists() and read_jsonl(out / "rejected.jsonl")
-    assert len(read_jsonl(out / "topics.jsonl")) >= 20
+    check_step_files(_summary(questions), out, "tgrt_questions")
+    raw = read_jsonl(out / "tgrt_questions.raw.jsonl")
+    assert _summary(questions)["hints"] == sum(len(r["hints"]) for r in raw) == 20
+
+    merged = _summary(selfalign("merge-instructions", "--out-dir", out, "--threshold", "0.7"))
+    assert merged["step"] == "merge"
+    check_merge_files(merged, out)
 
 
 @pytest.mark.slow

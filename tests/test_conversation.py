@@ -257,7 +257,7 @@ def test_sharegpt_rows():
     messages = sft_messages(row, IDENTITY, ["standard"], 0)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[2]["content"] == "I am Quokka."
-    with pytest.raises(UserError, match=r"conversations\[0\] is from 'bot'"):
-        sharegpt_messages([{"from": "bot", "value": "x"}], "f")
+    with pytest.raises(UserError, match=r"conversations\[0\] is from 'narrator'"):
+        sharegpt_messages([{"from": "narrator", "value": "x"}], "f")
     with pytest.raises(UserError, match="no assistant turn"):
         check_sft_row({"id": 1, "conversations": [{"from": "human", "value": "q"}]}, "f")

@@ -10,9 +10,10 @@ from cli_run import run_main as cli
 
 from selfalign.errors import UserError
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
-from selfalign.stages.stage3_engrave import TrainConfig, fit_examples, load_sft_rows, run_engrave
+from selfalign.stages.stage3_engrave import TrainConfig, load_sft_rows, run_engrave
 from selfalign.text.constitution import Identity
 from selfalign.text.conversation import ASSISTANT_HEADER
+from selfalign.training.sft import fit_examples
 
 IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
 
@@ -308,16 +309,22 @@ def test_json_array_and_sharegpt_rows(tmp_path):
         load_sft_rows(tmp_path / "broken.json")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REF.is_dir(), reason="reference files not available")
-def test_original_identity_data_trains_without_crashing(tiny_model_dir):
-    """The original ShareGPT identity file (which crashed the original training) loads as is."""
-    from selfalign.modeling import load_tokenizer
-    from selfalign.text.conversation import install_chat_template, sft_messages
+def test_original_identity_data_trains_without_crashing(tiny_model_dir, tmp_path):
+    """The original ShareGPT identity file (which crashed the original training) trains as is:
+    every conversation of the file is an example, steps run, losses are logged, a model is saved."""
+    data = REF / "dummy_data/vicuna_dummy_data.json"
+    conversations = json.loads(data.read_text())
+    cfg = tiny_config(tiny_model_dir, max_steps=3, logging_steps=1, micro_batch_size=8)
+    stats = run_engrave(cfg, data, tmp_path / "model", IDENTITY)
 
-    rows = load_sft_rows(REF / "dummy_data/vicuna_dummy_data.json")
-    assert len(rows) == 910
-    tok = load_tokenizer(str(tiny_model_dir))
-    install_chat_template(tok, IDENTITY)
-    conversations = [sft_messages(r, IDENTITY, ["standard", "concise"], 0) for r in rows[:50]]
-    kept, counts = fit_examples(conversations, tok, 512, "truncate")
-    assert counts["trained"] == 50 and all(m[-1]["role"] == "assistant" for m in kept)
+    assert stats["examples"] == len(conversations) == 910
+    assert stats["trained"] == 910 and stats["truncated"] == 0  # every conversation fits
+    assert stats["steps"] == 3
+    log = read_jsonl(tmp_path / "model" / "training_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(isinstance(r["loss"], float) and 0 < r["loss"] < 100 for r in log)
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "model" / "train_stats.json").read_text())
+    assert saved["examples"] == 910 and saved["steps"] == 3

@@ -47,25 +47,12 @@ def test_shared_prefix_greedy_is_exact_on_cuda(tiny_model_dir, batch_size):
 
 
 def test_bf16_generation_with_every_control(tiny_model_dir):
-    from selfalign.generation import SamplingParams
+    """The CPU test's checks (test_transformers_backend.check_every_control) in half precision."""
+    from test_transformers_backend import check_every_control
 
     backend = cuda_backend(tiny_model_dir, "auto")
     assert backend.model.dtype in (torch.bfloat16, torch.float16)
-    params = SamplingParams(
-        temperature=0.7,
-        top_p=0.9,
-        max_tokens=24,
-        seed=3,
-        logit_bias={backend.tokenizer.eos_token_id: -100},
-        ngram_penalties={3: 1.0, 4: 2.0},
-        stop=["\n\n"],
-    )
-    prompts = [PREFIX + p for p in PROMPTS]
-    first = backend.generate(prompts, params)
-    assert backend.generate(prompts, params) == first  # seeded sampling is reproducible
-    assert all(
-        c.finish_reason in ("stop", "length") and 0 < c.completion_tokens <= 24 for c in first
-    )
+    check_every_control(backend, [PREFIX + p for p in PROMPTS])
 
 
 def test_engrave_on_cuda_trains_in_half_precision(tiny_model_dir, tmp_path):

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -495,8 +496,7 @@ class CrashingBackend(ScriptedBackend):
 
     def __init__(self, inner, after: int):
         super().__init__(lambda p, s: "", batch_size=getattr(inner, "batch_size", 4))
-        self.inner, self.after, self.tokenizer = inner, after, getattr(inner, "tokenizer", None)
-        self.eos_ids = getattr(inner, "eos_ids", None)
+        self.inner, self.after, self.tokenizer = inner, after, inner.tokenizer
 
     def iter_batches(self, prompts, params, seeds=None):
         for batch in self.inner.iter_batches(prompts, params, seeds):
@@ -559,11 +559,9 @@ def test_self_instruct_refuses_raw_file_from_other_prompts(tmp_path):
 
 
 def test_eos_is_suppressed_with_the_backend_tokenizer():
-    backend = ScriptedBackend(lambda p, s: "")
-    assert eos_bias(backend) == {}
-    backend.tokenizer = type("Tok", (), {"eos_token_id": 2})()
-    backend.eos_ids = {2, 7}
-    assert eos_bias(backend) == {2: -100.0, 7: -100.0}
+    assert eos_bias(ScriptedBackend(lambda p, s: "")) == {}
+    tokenizer = type("Tok", (), {"eos_token_id": 2})()
+    assert eos_bias(ScriptedBackend(lambda p, s: "", tokenizer=tokenizer)) == {2: -100.0}
 
 
 def test_topics_grow_per_type_dedupe_and_show_previous_topics(tmp_path):
@@ -722,10 +720,50 @@ def _tiny_stage1(out: Path, backend) -> dict[str, dict]:
         "topics": run_topics(
             TopicsConfig(epochs=2, max_prompts_per_type=1, sampling=sampling), backend, out
         ),  # fmt: skip
+        # seed 21: one of the random model's questions passes the filters, so the merge has
+        # a record to check
         "questions": run_questions(
-            QuestionsConfig(max_topics_per_type=1, sampling=sampling), backend, out
+            QuestionsConfig(max_topics_per_type=1, sampling=sampling, seed=21), backend, out
         ),  # fmt: skip
     }
+
+
+def _reasons(rows) -> dict[str, int]:
+    return dict(Counter(r["reason"] for r in rows))
+
+
+def check_step_files(counts: dict, out: Path, name: str) -> list[dict]:
+    """A generating step's counts against its files: prompts = raw records, kept = kept records,
+    rejected = the rejected file's reasons, and the funnel closes; returns the kept records."""
+    raw, kept = read_jsonl(out / f"{name}.raw.jsonl"), read_jsonl(out / f"{name}.jsonl")
+    assert counts["prompts"] == len(raw) and counts["kept"] == len(kept), counts
+    assert counts["rejected"] == _reasons(read_jsonl(out / f"{name}.rejected.jsonl")), counts
+    _funnel_closes(counts)
+    assert len({r["id"] for r in kept}) == len(kept), name
+    return kept
+
+
+def check_merge_files(counts: dict, out: Path) -> list[dict]:
+    """The merge's counts against the files: every merged record is a step's kept record (same
+    id, text and source), ids are unique, each step record is merged or rejected by the merge,
+    rejected.jsonl holds every step's rejections; returns the merged records."""
+    final, rejected = read_jsonl(out / "instructions.jsonl"), read_jsonl(out / "rejected.jsonl")
+    steps = {r["id"]: r for name in ("self_instruct", "tgrt_questions")
+             for r in read_jsonl(out / f"{name}.jsonl")}  # fmt: skip
+    assert counts["kept"] == len(final) == len({r["id"] for r in final})
+    for r in final:
+        source = steps[r["id"]]
+        assert (r["instruction"], r["input"], r["source"]) == (
+            source["instruction"], source.get("input") or "", source["source"]
+        )  # fmt: skip
+    by_merge = [r for r in rejected if r["step"] == "merge"]
+    assert counts["generated"] == len(steps) == len(final) + len(by_merge)
+    assert counts["rejected"] == _reasons(by_merge)
+    assert {r["id"] for r in final} | {r["id"] for r in by_merge} == steps.keys()
+    per_step = Counter(r["step"] for r in rejected if r["step"] != "merge")
+    for name in ("self_instruct", "topics", "tgrt_questions"):
+        assert per_step[name] == len(read_jsonl(out / f"{name}.rejected.jsonl")), name
+    return final
 
 
 @pytest.mark.slow
@@ -733,18 +771,20 @@ def test_tiny_model_end_to_end_with_crash_and_rerun(tiny_backend, tmp_path):
     ref = _tiny_stage1(tmp_path / "ref", tiny_backend)
     assert ref["self_instruct"]["prompts"] == 8 and ref["topics"]["prompts"] == 40
     assert ref["questions"]["hints"] == 20
+    for step, name in (("self_instruct", "self_instruct"), ("topics", "topics"),
+                       ("questions", "tgrt_questions")):  # fmt: skip
+        check_step_files(ref[step], tmp_path / "ref", name)
     merged = run_merge(MergeConfig(), tmp_path / "ref")
-    assert (tmp_path / "ref" / "instructions.jsonl").exists() and "kept" in merged
+    assert check_merge_files(merged, tmp_path / "ref")  # not empty: the checks saw a record
     # EOS was suppressed: every completion ran to the token limit
     raw = read_jsonl(tmp_path / "ref" / "topics.raw.jsonl")
     assert all(r["finish_reason"] == "length" and r["completion_tokens"] == 12 for r in raw)
 
+    # crashed twice, then rerun: the same counts and the same records as the uninterrupted run
     out = tmp_path / "crashed"
     for after in (1, 3):
         with pytest.raises(Crash):
             _tiny_stage1(out, CrashingBackend(tiny_backend, after))
     assert _tiny_stage1(out, tiny_backend) == ref
-    run_merge(MergeConfig(), out)
+    assert run_merge(MergeConfig(), out) == merged
     assert _files(out) == _files(tmp_path / "ref")
-    for rows in _files(out).values():
-        assert len({r["id"] for r in rows}) == len(rows)

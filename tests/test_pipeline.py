@@ -16,7 +16,7 @@ import yaml
 
 from selfalign.errors import UserError
 from selfalign.jsonl import read_jsonl
-from selfalign.run.pipeline import load_pipeline_config, parse_stages, run_pipeline
+from selfalign.run.pipeline import load_pipeline_config, parse_stages, run_pipeline, stage_hashes
 
 TESTS = Path(__file__).parent
 
@@ -159,9 +159,19 @@ def record_progress(monkeypatch) -> dict[str, list[str]]:
 def test_full_run_skips_refuses_and_forces(tmp_path, tiny_model_dir, monkeypatch):
     import pipeline_fakes
 
-    pipeline_fakes.install(monkeypatch)
+    # like `backend: openai`: no tokenizer in the backend (stage 4 takes the engraved model's),
+    # order-1 n-gram penalties only, so EOS suppression and the apology bias are switched off
+    pipeline_fakes.install(monkeypatch, server=True)
     statuses = record_progress(monkeypatch)
-    config = write_config(tmp_path, tiny_model_dir)
+    config = write_config(
+        tmp_path, tiny_model_dir, **{
+            "model.backend": "openai", "model.base_url": "http://127.0.0.1:9/v1",
+            "instructions.self_instruct.suppress_eos": False,
+            "instructions.topics.suppress_eos": False,
+            "instructions.questions.suppress_eos": False,
+            "self_align.apology_bias": 0, "verbose.sampling.ngram_penalties": {1: 0.5},
+        },
+    )  # fmt: skip
     run = tmp_path / "run"
     manifest = run_pipeline(load_pipeline_config(config)).data
     for stage, entry in manifest["stages"].items():
@@ -194,9 +204,24 @@ def test_full_run_skips_refuses_and_forces(tmp_path, tiny_model_dir, monkeypatch
     changed = load_pipeline_config(config, ["verbose.min_words=3"])
     with pytest.raises(UserError, match=r"'verbose'.*verbose.min_words.*--force verbose"):
         run_pipeline(changed, report=False)
+    verbose_before = (run / "4_verbose" / "model" / "model.safetensors").stat().st_mtime_ns
     manifest = run_pipeline(changed, force=["verbose"], report=False).data
     assert manifest["stages"]["verbose"]["status"] == "done"
     assert (run / "2_self_align" / "sft.jsonl").stat().st_mtime_ns == before
+    assert (run / "4_verbose" / "model" / "model.safetensors").stat().st_mtime_ns != verbose_before
+    assert manifest["stages"]["verbose"]["settings"]["min_words"] == 3
+
+
+def test_a_server_backend_that_cannot_do_what_a_stage_asks_fails_before_any_work(
+    tmp_path, tiny_model_dir
+):
+    # stage 4's default sampling has 3- and 4-gram penalties, which an OpenAI server cannot apply
+    config = write_config(
+        tmp_path, tiny_model_dir, **{"model.backend": "openai", "model.base_url": "http://x/v1"}
+    )
+    with pytest.raises(UserError, match=r"stage 'verbose'.*orders 3, 4.*verbose.sampling"):
+        load_pipeline_config(config)
+    assert not (tmp_path / "run" / "manifest.json").exists()
 
 
 @pytest.mark.slow
@@ -233,11 +258,32 @@ def test_sigkill_in_stage_2_resumes_stage_2(tmp_path, tiny_model_dir):
     all_ids_unique(run)
 
 
-@pytest.mark.parametrize("name", ["demo", "small-gpu", "paper"])
-def test_example_configs_validate_and_open_with_their_command(name):
-    from selfalign.config import read_yaml, validate
-    from selfalign.run.pipeline import PipelineConfig, shared_defaults
+PAPER_STAGE_4 = pytest.mark.xfail(
+    strict=True, raises=UserError,
+    reason="issue 14: stage 4's 3-/4-gram penalties need vLLM's logits processor on the server",
+)  # fmt: skip
 
-    path = TESTS.parent / "configs" / f"{name}.yaml"
-    validate(PipelineConfig, shared_defaults(read_yaml(path)), str(path))
-    assert "selfalign run" in path.read_text().split("\n\n")[0] or "make demo" in path.read_text()
+
+@pytest.mark.parametrize("name", ["demo", "small-gpu", pytest.param("paper", marks=PAPER_STAGE_4)])
+def test_example_configs_pass_preflight_and_open_with_their_command(name, tmp_path, tiny_model_dir):
+    from importlib import resources
+
+    path = resources.files("selfalign") / "configs" / f"{name}.yaml"
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert re.search(rf"selfalign run \S*{name}\.yaml|make demo", "\n".join(header[:5]))
+    # the whole preflight, on a model that exists here (theirs are hub ids or built by make demo)
+    cfg = load_pipeline_config(
+        str(path), [f"model.model={tiny_model_dir}"], run_dir=tmp_path / "run"
+    )
+    assert cfg.run_dir == str(tmp_path / "run")
+
+
+def test_an_edited_prompt_file_changes_the_stage_hash(tmp_path, tiny_model_dir):
+    prompt = tmp_path / "verbose.txt"
+    prompt.write_text("You are {name}. Answer at length.")
+    config = write_config(tmp_path, tiny_model_dir, **{"verbose.verbose_prompt": str(prompt)})
+    before = stage_hashes(load_pipeline_config(config))
+    prompt.write_text("You are {name}. Answer briefly.")
+    after = stage_hashes(load_pipeline_config(config))
+    assert before["self_align"] == after["self_align"]
+    assert before["verbose"] != after["verbose"]

@@ -2,18 +2,22 @@
 
 import base64
 import json
+from collections import Counter
 from html.parser import HTMLParser
 
-from selfalign.jsonl import write_jsonl_atomic
+from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.run.manifest import Manifest
 from selfalign.run.registry import names
 from selfalign.run.report import write_report
 
 
 class Collector(HTMLParser):
+    """Section ids, image sources, and each figure's caption by its image's alt text."""
+
     def __init__(self):
         super().__init__()
-        self.sections, self.images = [], []
+        self.sections, self.images, self.captions = [], [], {}
+        self._alt, self._in_caption = None, False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -21,6 +25,27 @@ class Collector(HTMLParser):
             self.sections.append(attrs.get("id"))
         if tag == "img":
             self.images.append(attrs["src"])
+            self._alt = attrs.get("alt")
+        self._in_caption = tag == "figcaption"
+
+    def handle_endtag(self, tag):
+        self._in_caption = False
+
+    def handle_data(self, data):
+        if self._in_caption:
+            self.captions[self._alt] = self.captions.get(self._alt, "") + data
+
+
+def counts_of(caption: str) -> dict[str, int]:
+    """'generated 13, kept 12, rejected: similar 1' -> {'generated': 13, ...}."""
+    pairs = (item.rsplit(" ", 1) for item in caption.split(", "))
+    return {label: int(n) for label, n in pairs}
+
+
+def funnel(kept: list[dict], rejected: list[dict]) -> dict[str, int]:
+    reasons = Counter(r["reason"] for r in rejected)
+    return {"generated": len(kept) + len(rejected), "kept": len(kept),
+            **{f"rejected: {k}": n for k, n in reasons.items()}}  # fmt: skip
 
 
 def make_run(run):
@@ -99,10 +124,25 @@ def test_report_has_every_section_and_image(tmp_path):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "&lt;b&gt;raw&lt;/b&gt;" in page  # record text is escaped
-    assert (
-        json.loads((run / "manifest.json").read_text())["stages"]["instructions"]["status"]
-        == "done"
-    )
+
+    # the counts on the page are the counts of the run's data files
+    def rows(name: str) -> list[dict]:
+        return read_jsonl(run / name)
+
+    instructions = rows("1_instructions/instructions.jsonl")
+    aligned = rows("2_self_align/aligned.jsonl")
+    shown = {alt: counts_of(caption) for alt, caption in parser.captions.items()}
+    first = funnel(instructions, rows("1_instructions/rejected.jsonl"))
+    assert shown["instructions: funnel"] == first
+    assert shown["self_align: funnel"] == funnel(aligned, rows("2_self_align/rejected.jsonl"))
+    assert shown["verbose: funnel"] == funnel(rows("4_verbose/verbose.jsonl"), [])
+    assert shown["instructions per source"] == Counter(r["source"] for r in instructions)
+    types = Counter(r["question_type"] for r in instructions if r["question_type"])
+    assert shown["TGRT instructions per question type"] == types
+    topics = Counter(r["question_type"] for r in rows("1_instructions/topics.jsonl"))
+    assert shown["topics per type"] == topics
+    citations = Counter(str(p) for r in aligned for p in r["principles"])
+    assert shown["principles cited in internal thoughts"] == citations
 
 
 def test_report_of_an_empty_run(tmp_path):

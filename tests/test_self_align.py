@@ -22,23 +22,21 @@ from selfalign.generation.scripted import ScriptedBackend
 from selfalign.jsonl import read_jsonl
 from selfalign.stages.stage2_self_align import (
     ROW_FIELDS,
-    ExemplarLeakage,
     SelfAlignConfig,
     apology_bias,
     apology_token_ids,
-    cut_repetition,
     cut_to_last_sentence,
     finalize_self_align,
     identity_rows,
     judge,
     load_identity_conversations,
     load_identity_questions,
-    opens_with_apology,
     parse_completion,
     run_self_align,
     sampling_params,
 )
 from selfalign.text.constitution import load_constitution, render_prefix
+from selfalign.text.filters import ExemplarLeakage, cut_repetition, opens_with_apology
 
 REF = Path(__file__).resolve().parents[2] / "shared/reference/dromedary-v1"
 WATSON = REF / "prompts/watson_self_align_prompt.txt"
@@ -607,17 +605,51 @@ def tiny_inputs(tmp_path: Path, n: int) -> tuple[Path, Path]:
 
 
 def test_end_to_end_on_a_tiny_model(tiny_backend, tmp_path):
+    """Every instruction is answered once by the model, with the stage's prompt, sampling and
+    per-id seed; every answer is judged by the stage-2 filters into aligned or rejected; the
+    stats, SFT and identity files agree with that."""
+    from collections import Counter
+
+    from selfalign.generation import row_seed
+    from selfalign.text.constitution import render_prompt, user_text
+
     constitution, inp = tiny_inputs(tmp_path, 6)
     cfg = SelfAlignConfig(constitution=str(constitution), sampling={"max_tokens": 24})
     stats = run_self_align(cfg, tiny_backend, inp, tmp_path / "out")
-    out = tmp_path / "out"
-    for name in ("aligned.jsonl", "identity.jsonl", "rejected.jsonl", "sft.jsonl", "stats.json"):
-        assert (out / name).exists()
-    assert stats["generated"] == 6 == stats["kept"] + sum(stats["rejected"].values())
-    assert len(read_jsonl(out / "rejected.jsonl")) == sum(stats["rejected"].values())
+    out, instructions = tmp_path / "out", read_jsonl(inp)
+    raw = {r["id"]: r for r in read_jsonl(out / "self_align.raw.jsonl")}
+    assert sorted(raw) == sorted(r["id"] for r in instructions)
+
+    c = load_constitution(constitution)
+    params = sampling_params(cfg, c, apology_bias(cfg, tiny_backend))
+    again = tiny_backend.generate(
+        [render_prompt(c, r["instruction"]) for r in instructions],
+        params,
+        [row_seed(cfg.seed, r["id"]) for r in instructions],
+    )
+    assert [raw[r["id"]]["completion"] for r in instructions] == [a.text for a in again]
+
+    aligned = {r["id"]: r for r in read_jsonl(out / "aligned.jsonl")}
+    rejected = {r["id"]: r for r in read_jsonl(out / "rejected.jsonl")}
+    assert aligned.keys() | rejected.keys() == raw.keys() and not aligned.keys() & rejected.keys()
+    leakage = ExemplarLeakage.from_constitution(c, cfg.leak_ngram, cfg.leak_min_distinctive)
+    for r in instructions:
+        got = raw[r["id"]]
+        verdict = judge(c, cfg, leakage, got["completion"], got["finish_reason"],
+                        user_text(r["instruction"], ""))  # fmt: skip
+        if verdict.reason:
+            assert rejected[r["id"]]["reason"] == verdict.reason
+        else:
+            assert aligned[r["id"]]["output"] == verdict.output
+
+    reasons = Counter(r["reason"] for r in rejected.values())
+    assert stats["generated"] == 6 and stats["kept"] == len(aligned)
+    assert stats["rejected"] == reasons
+    identity = read_jsonl(out / "identity.jsonl")
+    assert identity and "Kestrel" in json.dumps(identity)
     sft = read_jsonl(out / "sft.jsonl")
-    assert len(sft) == stats["kept"] + stats["identity"]
-    assert "Kestrel" in json.dumps(read_jsonl(out / "identity.jsonl"))
+    assert sorted(r["id"] for r in sft) == sorted([*aligned, *(r["id"] for r in identity)])
+    assert stats["identity"] == len(identity) and stats["sft"] == len(sft)
 
 
 def test_default_constitution_prefix_is_prefilled_once(tmp_path):

@@ -1,5 +1,7 @@
 """The transformers backend on a tiny local model: ordering, determinism, every sampling control."""
 
+import re
+
 import pytest
 
 from selfalign.errors import UserError
@@ -188,3 +190,84 @@ def test_unsupported_model_path_is_a_user_error(tmp_path):
 
 def test_empty_job_returns_nothing(tiny_backend):
     assert tiny_backend.generate([], GREEDY) == []
+
+
+# -- every control at once, and the effect of each --------------------------------------------------
+
+NGRAM = {2: 40.0, 3: 1.0, 4: 2.0}
+
+
+def lone_ascii_tokens(tokenizer) -> dict[int, str]:
+    """Single-byte ASCII tokens whose character no other token contains: that character is in a
+    decoded text exactly when the token was generated (byte-level decoding keeps ASCII as is)."""
+    special = set(tokenizer.all_special_ids)
+    texts = {i: tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special}
+    return {
+        i: t
+        for i, t in texts.items()
+        if len(t) == 1 and ord(t) < 128 and not any(t in o for j, o in texts.items() if j != i)
+    }
+
+
+def ascii_window(text: str, width: int = 3) -> str:
+    """The first `width` printable ASCII characters in a row (not all blank) of `text`."""
+    for i in range(len(text) - width + 1):
+        window = text[i : i + width]
+        if all(32 <= ord(ch) < 127 for ch in window) and window.strip():
+            return window
+    raise AssertionError(f"no printable ASCII window in {text!r}")
+
+
+def adjacent_repeats(text: str, piece: str = " the") -> int:
+    """How many times `piece` directly follows itself in `text` (overlapping: 3 in a row is 2)."""
+    return len(re.findall(f"(?={re.escape(piece * 2)})", text))
+
+
+def check_every_control(backend, prompts: list[str]) -> None:
+    """Sampling with every control set at once (seeded, so reproducible), and each control's
+    effect against the same run without it: a logit bias of -100 bans a token the run produced,
+    a stop string cuts the text where it first appears, the n-gram penalty stops a forced
+    repetition, and max_tokens bounds every completion."""
+    tok = backend.tokenizer
+    sampled = SamplingParams(
+        temperature=0.7, top_p=0.9, max_tokens=24, seed=3, ngram_penalties=NGRAM
+    )
+
+    # logit bias: ban a token the run without the ban produces (and EOS, so rows run to the limit)
+    free = backend.generate(prompts, sampled)
+    seen = {i: sum(c.text.count(ch) for c in free) for i, ch in lone_ascii_tokens(tok).items()}
+    banned = max(seen, key=seen.get)
+    assert seen[banned] > 0, "the run without a ban produced none of the lone ASCII tokens"
+    biased = sampled.model_copy(update={"logit_bias": {banned: -100, tok.eos_token_id: -100}})
+
+    # stop: cut exactly where the stop string first appears in the same row generated without it
+    # (one row per call, so the rows around it cannot change its arithmetic)
+    full = backend.generate(prompts[:1], biased)[0]
+    assert full.finish_reason == "length" and full.completion_tokens == 24  # EOS banned
+    stop = ascii_window(full.text[4:])
+    every = biased.model_copy(update={"stop": [stop]})
+    cut = backend.generate(prompts[:1], every)[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    assert cut.completion_tokens < full.completion_tokens
+
+    # all at once, batched: reproducible, the banned token and the stop string never appear,
+    # max_tokens bounds every row (and ends the rows the stop string did not end)
+    out = backend.generate(prompts, every)
+    assert backend.generate(prompts, every) == out
+    for c in out:
+        assert tok.decode([banned]) not in c.text and stop not in c.text
+        assert 0 < c.completion_tokens <= 24
+        assert c.finish_reason == "stop" or c.completion_tokens == 24
+    assert any(c.finish_reason == "length" for c in out)
+
+    # n-gram penalty: a token pushed to win every step repeats without it, and not with it
+    the = tok.convert_tokens_to_ids("Ġthe")
+    pushed = sampled.model_copy(update={"logit_bias": {the: 30}, "ngram_penalties": {}})
+    assert backend.generate(prompts[:1], pushed)[0].text == " the" * 24
+    penalised = backend.generate(prompts[:1], pushed.model_copy(update={"ngram_penalties": NGRAM}))
+    assert adjacent_repeats(penalised[0].text) <= 1  # the bigram (the, the) at most once
+
+
+def test_every_control_at_once_and_the_effect_of_each(tiny_backend):
+    prefix = "Consider the following principles carefully before you answer. " * 30
+    check_every_control(tiny_backend, [prefix + p for p in PROMPTS[1:6]])

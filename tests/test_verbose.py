@@ -11,19 +11,20 @@ from selfalign.generation import Completion
 from selfalign.generation.scripted import ScriptedBackend
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.stages.stage4_verbose import (
+    AnswerFilters,
     VerboseConfig,
     filter_answers,
     instruction_rows,
-    is_repetitive,
-    leakage_detector,
     run_final_sft,
     run_verbose,
     verbose_system_prompt,
 )
-from selfalign.text.constitution import Identity
+from selfalign.text.constitution import Identity, load_constitution
 from selfalign.text.conversation import ASSISTANT_HEADER, install_chat_template, system_prompt
 
 IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
+# the bundled constitution, released as Quokka: what stage 4 gets from `selfalign run`
+CONSTITUTION = load_constitution("default").with_identity(IDENTITY)
 
 GOOD = (
     "There are several sides to this. First, the history: the idea appeared long ago and changed "
@@ -50,17 +51,13 @@ def generated(
     }  # fmt: skip
 
 
-def reason_of(row, cfg=None, leakage=None):
-    kept, rejected = filter_answers([row], cfg or VerboseConfig(), IDENTITY, leakage)
+def filtered(row, cfg=None):
+    return filter_answers([row], AnswerFilters(cfg or VerboseConfig(), CONSTITUTION))
+
+
+def reason_of(row, cfg=None):
+    kept, rejected, counts = filtered(row, cfg)
     return rejected[0]["reason"] if rejected else None
-
-
-@pytest.fixture(scope="module")
-def default_leakage():
-    """Stage 2's leakage check built from the bundled constitution's exemplars."""
-    from selfalign.text.constitution import load_constitution
-
-    return leakage_detector(VerboseConfig(), load_constitution("default"))
 
 
 def test_paper_defaults():
@@ -83,9 +80,8 @@ def test_verbose_prompt_is_our_extensive_mode_with_identity():
 
 def test_good_answer_is_kept_even_if_it_mentions_a_president_or_the_weather():
     row = generated(GOOD + " The president and the weather both matter here.")
-    leakage = leakage_detector(VerboseConfig(), exemplar_texts=["The president of a country today"])
-    kept, rejected = filter_answers([row], VerboseConfig(), IDENTITY, leakage)
-    assert not rejected
+    kept, rejected, counts = filtered(row)
+    assert not rejected and counts["kept"] == 1
     assert kept == [
         {
             "id": "verbose-a",
@@ -104,7 +100,7 @@ def test_good_answer_is_kept_even_if_it_mentions_a_president_or_the_weather():
         (generated(GOOD, finish="length"), "truncated"),
         (generated("Taxes pay for roads."), "too_short"),
         (generated("   "), "too_short"),
-        (generated(GOOD + "\n### User\nmore?"), "turn_marker"),
+        (generated("Sorry, " + GOOD), "apology"),
         (
             generated(
                 "Explain in detail how income taxes work. " + GOOD,
@@ -133,28 +129,25 @@ ROSETTA = (
 )
 
 
-def test_exemplar_leakage_is_detected_but_not_on_the_exemplars_topic(default_leakage):
+def test_exemplar_leakage_is_detected_but_not_on_the_exemplars_topic():
     """An exemplar's distinctive passage copied into another topic is leakage; the same passage
     in an answer about that exemplar's topic is not, nor is the exemplars' generic phrasing."""
     leaked = generated(GOOD + " " + ROSETTA, "Explain how glaciers form.")
-    kept, rejected = filter_answers([leaked], VerboseConfig(), IDENTITY, default_leakage)
+    kept, rejected, counts = filtered(leaked)
     assert rejected[0]["reason"] == "exemplar_leakage" and "1799" in rejected[0]["detail"]
     on_topic = generated(GOOD + " " + ROSETTA, "Tell me the story of the Rosetta Stone.")
-    assert reason_of(on_topic, leakage=default_leakage) is None
+    assert reason_of(on_topic) is None
     generic = generated(GOOD + " Let me know if you want a version for very large n.")
-    assert reason_of(generic, leakage=default_leakage) is None
+    assert reason_of(generic) is None
 
 
-def test_the_pipeline_may_pass_bare_exemplar_texts():
-    leakage = leakage_detector(VerboseConfig(), exemplar_texts=[ROSETTA])
-    row = generated(GOOD + " " + ROSETTA, "Explain how glaciers form.")
-    assert reason_of(row, leakage=leakage) == "exemplar_leakage"
-    assert leakage_detector(VerboseConfig()) is None
-
-
-def test_repetition_helper():
-    assert not is_repetitive(GOOD, 6, 2)
-    assert is_repetitive("one two three four five six " * 3, 6, 2)
+def test_an_answer_going_on_with_a_made_up_turn_is_cut_there():
+    """As the stop string would have cut it; the rest of the answer is still filtered."""
+    kept, rejected, counts = filtered(generated(GOOD + "\n\n### User\nmore?\n### Assistant\nYes."))
+    assert [r["output"] for r in kept] == [GOOD] and counts["cuts"] == {"turn_marker": 1}
+    assert reason_of(generated("Taxes pay for roads.\n### User\n" + GOOD)) == "too_short"
+    heading = GOOD + "\n### Username rules\nPick a long one."  # a heading, not a turn
+    assert filtered(generated(heading))[0][0]["output"] == heading
 
 
 def test_instruction_rows_merge_identity_questions_and_dedupe():
@@ -213,8 +206,6 @@ def scripted(prompt: str, seed: int):
 
 
 def test_run_verbose_writes_files_and_counts(tmp_path, tokenizer):
-    from selfalign.text.constitution import load_constitution
-
     write_stage2(tmp_path)
     backend = ScriptedBackend(scripted, batch_size=3)
     counts = run_verbose(
@@ -222,11 +213,10 @@ def test_run_verbose_writes_files_and_counts(tmp_path, tokenizer):
         backend,
         tmp_path / "aligned.jsonl",
         tmp_path / "out",
-        IDENTITY,
+        CONSTITUTION,
         tokenizer=tokenizer,
-        constitution=load_constitution("default"),
     )
-    assert counts == {"generated": 11, "parsed": 11, "kept": 8, "rejected": 3,
+    assert counts == {"generated": 11, "parsed": 11, "kept": 8, "rejected": 3, "cuts": {},
                       "rejected_by_reason": {"exemplar_leakage": 1, "too_short": 1, "truncated": 1}}  # fmt: skip
     kept = read_jsonl(tmp_path / "out" / "verbose.jsonl")
     assert {"verbose-id0"} <= {
@@ -272,13 +262,13 @@ def test_crash_and_rerun_gives_the_uninterrupted_result(tmp_path, tokenizer):
             CrashingBackend(scripted, 3, 2),
             tmp_path / "aligned.jsonl",
             tmp_path / "a",
-            IDENTITY,
+            CONSTITUTION,
             tokenizer=tokenizer,
         )
     assert len(read_jsonl(tmp_path / "a" / "verbose.raw.jsonl")) == 6
     again = ScriptedBackend(scripted, batch_size=3)
     run_verbose(
-        cfg, again, tmp_path / "aligned.jsonl", tmp_path / "a", IDENTITY, tokenizer=tokenizer
+        cfg, again, tmp_path / "aligned.jsonl", tmp_path / "a", CONSTITUTION, tokenizer=tokenizer
     )
     assert len(again.calls) == 5  # only what was missing
     run_verbose(
@@ -286,7 +276,7 @@ def test_crash_and_rerun_gives_the_uninterrupted_result(tmp_path, tokenizer):
         ScriptedBackend(scripted, 4),
         tmp_path / "aligned.jsonl",
         tmp_path / "b",
-        IDENTITY,
+        CONSTITUTION,
         tokenizer=tokenizer,
     )
     for name in ("verbose.jsonl", "rejected.jsonl"):
@@ -302,7 +292,7 @@ def test_empty_aligned_file_and_missing_tokenizer(tmp_path, tokenizer):
             ScriptedBackend(scripted),
             tmp_path / "aligned.jsonl",
             tmp_path / "o",
-            IDENTITY,
+            CONSTITUTION,
             tokenizer=tokenizer,
         )
     write_stage2(tmp_path)
@@ -312,7 +302,7 @@ def test_empty_aligned_file_and_missing_tokenizer(tmp_path, tokenizer):
             ScriptedBackend(scripted),
             tmp_path / "aligned.jsonl",
             tmp_path / "o",
-            IDENTITY,
+            CONSTITUTION,
         )
 
 
@@ -323,7 +313,7 @@ def test_final_sft_trains_the_base_model_on_verbose_answers(tmp_path, tokenizer,
         ScriptedBackend(scripted),
         tmp_path / "aligned.jsonl",
         tmp_path / "v",
-        IDENTITY,
+        CONSTITUTION,
         tokenizer=tokenizer,
     )
     cfg = VerboseConfig(
@@ -341,7 +331,7 @@ def test_final_sft_trains_the_base_model_on_verbose_answers(tmp_path, tokenizer,
         IDENTITY,
         str(tiny_model_dir),
     )
-    assert stats["trained"] == 9 and stats["base_model"] == str(tiny_model_dir.resolve())
+    assert stats["trained"] == 8 and stats["base_model"] == str(tiny_model_dir.resolve())
     assert (tmp_path / "v" / "model" / "model.safetensors").is_file()
     card = (tmp_path / "v" / "model" / "README.md").read_text()
     assert "max_length: 768" in card and "verbose cloning" in card
@@ -360,7 +350,7 @@ def test_original_verbose_prompt_file_is_the_shared_prefix(tmp_path, tokenizer):
     write_stage2(tmp_path, 3)
     backend = ScriptedBackend(scripted, batch_size=4)
     run_verbose(
-        cfg, backend, tmp_path / "aligned.jsonl", tmp_path / "o", IDENTITY, tokenizer=tokenizer
+        cfg, backend, tmp_path / "aligned.jsonl", tmp_path / "o", CONSTITUTION, tokenizer=tokenizer
     )
     head = original.read_text().rstrip().removesuffix("### User").rstrip()
     assert all(p.startswith(head + "\n\n### User\n") for p in backend.calls)

@@ -2,7 +2,9 @@
 
 `chat` is an interactive, multi-turn conversation that streams the answer as it is generated;
 `/reset` starts over, `/exit` (or end of input) leaves. `answer` answers every question of a JSONL
-file in batches, with resume (`selfalign.generation.records.generate_records`).
+file in batches, with resume (`selfalign.generation.records.generate_records`): a rerun whose
+prompts (system prompt, chat template, questions) or sampling differ from the records already in
+the output is refused.
 
 Both render prompts with the model's own chat template (the one `selfalign engrave` saved in the
 tokenizer), so the model sees exactly the format it was trained on. MODEL is a merged model
@@ -233,7 +235,8 @@ def run_answer(
     check_records(rows, str(input_path), prompt_key="chat_prompt")
     params = params.model_copy(update={"stop": list(dict.fromkeys([*params.stop, *TURN_STOPS]))})
     done = generate_records(
-        backend, rows, params, output_path, seed, prompt_key="chat_prompt", label="answering"
-    )
+        backend, rows, params, output_path, seed, prompt_key="chat_prompt", label="answering",
+        restart_hint=f"delete {output_path} or choose another --output",
+    )  # fmt: skip
     write_jsonl_atomic(output_path, [{**r, "answer": r["completion"].strip()} for r in done])
     return len(done)

@@ -5,6 +5,7 @@
 - `JsonlAppender` appends records and flushes per batch; on open it cuts a torn tail so the next
   record starts on a fresh line, and it knows which ids are already present (resume).
 - `write_jsonl_atomic` writes a final file through a temp file and a rename.
+- `check_unique_ids` is the one check that ids in a set of records are present and unique.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,20 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return data
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    yield from read_jsonl(path)
+def check_unique_ids(records: Iterable[dict[str, Any]], where: str | Path, hint: str = "") -> None:
+    """Every record has an 'id' and no two share one; otherwise a UserError naming `where`, the
+    record (counted from 1) and, after a ';', `hint` (what to do about a duplicate)."""
+    first: dict[Any, int] = {}
+    for n, record in enumerate(records, start=1):
+        key = record.get("id")
+        if key is None:
+            raise UserError(f"{where}: record {n} has no 'id'")
+        if key in first:
+            advice = f"; {hint}" if hint else ""
+            raise UserError(
+                f"{where}: record {n}: duplicate id {key!r} (record {first[key]} has it too){advice}"
+            )
+        first[key] = n
 
 
 def _dumps(record: dict[str, Any]) -> str:

@@ -59,8 +59,18 @@ def adapter_base(path: str | Path) -> str | None:
     config = Path(path) / "adapter_config.json"
     if not config.is_file():
         return None
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        why = f"not valid JSON: {e}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise UserError(
+            f"{config}: damaged ({why}); this adapter directory cannot be loaded: re-export "
+            "the adapter (or train it again)"
+        ) from None
+    base = data.get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
         raise UserError(f"{config}: no base_model_name_or_path; cannot tell which model to load")
     return base
 

@@ -10,12 +10,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from selfalign import __version__
+from selfalign.cli.options import MODEL_FLAGS, NO_MODEL, config_flags, keys, sampling_flags
 from selfalign.errors import UserError
+from selfalign.generation.generate_file import GenerateConfig
 
 app = typer.Typer(
     name="selfalign",
@@ -41,75 +43,42 @@ def _root(
     pass
 
 
-def parse_pairs(values: list[str], option: str, key_type=int) -> dict:
-    """`["5=-100", "7=2.5"]` -> {5: -100.0, 7: 2.5}; a bad pair is a UserError naming it."""
-    pairs = {}
-    for text in values:
-        key, sep, value = text.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            pairs[key_type(key.strip())] = float(value)
-        except ValueError:
-            raise UserError(
-                f"{option} {text!r}: expected KEY=NUMBER, e.g. {option} 13=-100"
-            ) from None
-    return pairs
+def _require_model(data: dict[str, Any]) -> dict[str, Any]:
+    """`generate` needs a model: say how to give one, not "missing key 'model'"."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("model"):
+        raise UserError(NO_MODEL)
+    return data
 
 
 @app.command()
+@config_flags(
+    GenerateConfig,
+    {
+        **MODEL_FLAGS,
+        **sampling_flags("sampling"),
+        **keys("sampling", "stop", "seed", "truncate_prompt"),
+        **keys("sampling", logit_bias="--logit-bias", ngram_penalties="--ngram-penalty"),
+    },
+    config_help="YAML with model: and sampling: sections.",
+    prepare=_require_model,
+)
 def generate(
-    model: Annotated[str | None, typer.Option(help="Model directory or hub id.")] = None,
-    input: Annotated[Path, typer.Option(help="JSONL with {'id', 'prompt', ...} per line.")] = ...,
-    output: Annotated[Path, typer.Option(help="JSONL to append completions to (resumes).")] = ...,
-    config: Annotated[
-        Path | None, typer.Option(help="YAML with 'model:' and 'sampling:' sections.")
-    ] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
-    logit_bias: Annotated[
-        list[str] | None, typer.Option("--logit-bias", help="TOKEN_ID=BIAS (repeatable).")
-    ] = None,
-    ngram_penalty: Annotated[
-        list[str] | None, typer.Option("--ngram-penalty", help="N=ALPHA, N in 1..4 (repeatable).")
-    ] = None,
-    truncate_prompt: Annotated[
-        str | None, typer.Option("--truncate-prompt", help="error (default) or left.")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16.")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="dotted.key=value config override.")
-    ] = None,
+    input: Annotated[Path, typer.Option(help="JSONL with {'id', 'prompt', ...} per line.")],
+    output: Annotated[Path, typer.Option(help="JSONL to append completions to (resumes).")],
+    cfg: GenerateConfig,
 ) -> None:
     """Complete every prompt of a JSONL file; rerun to resume."""
-    from selfalign.generation.generate_file import GenerateConfig, run_generate
+    from selfalign.generation.generate_file import run_generate
 
-    overrides = list(set_ or [])
-    model_opts = {"model": model, "batch_size": batch_size, "device": device, "dtype": dtype}
-    sampling_opts = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_tokens": max_tokens,
-        "stop": stop or None,
-        "seed": seed,
-        "logit_bias": parse_pairs(logit_bias or [], "--logit-bias") or None,
-        "ngram_penalties": parse_pairs(ngram_penalty or [], "--ngram-penalty") or None,
-        "truncate_prompt": truncate_prompt,
-    }
-    cfg = GenerateConfig.from_sources(config, overrides, model_opts, sampling_opts)
     count = run_generate(cfg, input, output)
     typer.echo(f"{output}: {count} records", err=True)
 
 
 def _register_stage_commands() -> None:
-    from selfalign.cli import instructions, pipeline, self_align, training
+    from selfalign.cli import configs, instructions, pipeline, self_align, training
 
-    for module in (instructions, self_align, training, pipeline):
+    for module in (instructions, self_align, training, pipeline, configs):
         module.register(app)
 
 

@@ -11,7 +11,9 @@ from selfalign.errors import UserError
 
 
 def run(
-    config: Annotated[Path, typer.Argument(help="Pipeline YAML (see configs/).")],
+    config: Annotated[
+        Path, typer.Argument(help="Pipeline YAML (`selfalign configs` lists the examples).")
+    ],
     overrides: Annotated[
         list[str] | None, typer.Argument(help="dotted.key=value settings over the YAML.")
     ] = None,

@@ -1,6 +1,6 @@
 """CLI of stages 3 and 4 and of using the result: `engrave`, `verbose-clone`, `chat`, `answer`.
 
-Thin shells: parse options, build the stage config (YAML < --set overrides < explicit options),
+Thin shells: get the stage config (YAML < --set overrides < flags, see `selfalign.cli.options`),
 call the stage's `run_*` function, print a one-line summary.
 """
 
@@ -11,29 +11,46 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ConfigDict, Field
 
+from selfalign.chat import ChatSettings
+from selfalign.cli.options import (
+    IDENTITY_FLAGS,
+    MODEL_FLAGS,
+    config_flags,
+    field_flags,
+    keys,
+    require_model,
+    sampling_flags,
+)
+from selfalign.config import build_config
 from selfalign.errors import UserError
+from selfalign.generation import BackendConfig
+from selfalign.stages.stage3_engrave import TrainConfig
+from selfalign.stages.stage4_verbose import VerboseConfig
+from selfalign.text.constitution import Identity
 
 log = logging.getLogger(__name__)
 
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda.")]
+ModelArg = Annotated[str, typer.Argument(help="Model directory (merged or adapter) or hub id.")]
 
 
-def _build(model, path: Path | None, overrides: list[str] | None, explicit: dict[str, Any]):
-    """Config from YAML, then `--set` overrides, then the options given on the command line."""
-    from selfalign.config import build_config
+class VerboseCloneFile(VerboseConfig):
+    """What a `verbose-clone --config` YAML may hold: stage 4's keys (as `verbose:` in a
+    pipeline config) and `model:`, the engraved model that writes the verbose answers."""
 
-    return build_config(model, path, overrides, explicit)
+    model_config = ConfigDict(extra="forbid")
+
+    model: BackendConfig | None = Field(
+        None, description="The engraved model (stage 3's output directory) and how it generates."
+    )
 
 
-def _identity(constitution, name, developer, cutoff, fallback=None):
+def _identity(constitution, given: dict[str, str], fallback=None):
     """The assistant's identity: the loaded constitution's, else the trained model's, else the
-    default; then --name / --developer / --knowledge-cutoff on top."""
-    from selfalign.text.constitution import Identity
-
+    default; then --name / --developer / --knowledge-cutoff (`given`) on top."""
     base = constitution.identity if constitution is not None else fallback or Identity()
-    given = {"name": name, "developer": developer, "knowledge_cutoff": cutoff}
-    return base.model_copy(update={k: v for k, v in given.items() if v is not None})
+    return base.model_copy(update=given)
 
 
 def _load_constitution(path: Path | None):
@@ -52,62 +69,45 @@ def _constitution_label(path: Path | None) -> str | None:
 
 def _recorded_constitution(model: str):
     """The constitution a selfalign-trained model records in train_stats.json, if it still loads
-    (verbose cloning checks leakage of its exemplars); None otherwise."""
-    from selfalign.stages.stage4_verbose import training_stats
+    (verbose cloning checks leakage of its exemplars); None otherwise (the caller falls back to
+    the bundled default)."""
+    from selfalign.training.model_dir import constitution_of
 
-    recorded = training_stats(model).get("constitution")
+    recorded = constitution_of(model)
     if not recorded:
         return None
     try:
         return _load_constitution(recorded)
     except UserError as e:
-        log.warning("no exemplar-leakage check: the engraved model's constitution: %s", e)
+        log.warning("the engraved model's constitution does not load (%s): using the default", e)
         return None
 
 
+ConstitutionOpt = Annotated[
+    Path | None,
+    typer.Option(help="Constitution stage 2 used: YAML, raw prompt text or bundled name."),
+]
+
+
+@config_flags(
+    TrainConfig,
+    keys("", "model", "method", "max_length", "epochs", "max_steps", "learning_rate",
+         "effective_batch_size", "micro_batch_size", "seed", "device", "precision"),
+    config_help="YAML with TrainConfig keys (as engrave: in a pipeline config).",
+)  # fmt: skip
+@field_flags(Identity, IDENTITY_FLAGS, into="identity", show_defaults=False)
 def engrave(
-    data: Annotated[Path, typer.Option("--data", help="SFT JSONL (stage 2's sft.jsonl).")] = ...,
-    out: Annotated[Path, typer.Option("--out", help="Model directory to write (resumes).")] = ...,
-    model: Annotated[str | None, typer.Option(help="Base model: directory or hub id.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML with TrainConfig keys.")] = None,
-    method: Annotated[str | None, typer.Option(help="lora, qlora or full.")] = None,
-    max_length: Annotated[
-        int | None, typer.Option("--max-length", help="Cut-off in tokens.")
-    ] = None,
-    epochs: Annotated[float | None, typer.Option()] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--learning-rate")] = None,
-    effective_batch_size: Annotated[int | None, typer.Option("--effective-batch-size")] = None,
-    micro_batch_size: Annotated[int | None, typer.Option("--micro-batch-size")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: DeviceOpt = None,
-    precision: Annotated[str | None, typer.Option(help="auto, bf16, fp16, fp32.")] = None,
-    constitution: Annotated[
-        Path | None, typer.Option(help="Constitution file (for the identity).")
-    ] = None,
-    name: Annotated[str | None, typer.Option(help="Assistant's name.")] = None,
-    developer: Annotated[str | None, typer.Option()] = None,
-    knowledge_cutoff: Annotated[str | None, typer.Option("--knowledge-cutoff")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="dotted.key=value override.")
-    ] = None,
+    data: Annotated[Path, typer.Option("--data", help="SFT JSONL (stage 2's sft.jsonl).")],
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write (resumes).")],
+    cfg: TrainConfig,
+    identity: dict[str, str],
+    constitution: ConstitutionOpt = None,
 ) -> None:
     """Stage 3: fine-tune the base model on the self-aligned answers (principle engraving)."""
-    from selfalign.stages.stage3_engrave import TrainConfig, run_engrave
+    from selfalign.stages.stage3_engrave import run_engrave
 
-    cfg = _build(
-        TrainConfig,
-        config,
-        set_,
-        {
-            "model": model, "method": method, "max_length": max_length, "epochs": epochs,
-            "max_steps": max_steps, "learning_rate": learning_rate,
-            "effective_batch_size": effective_batch_size, "micro_batch_size": micro_batch_size,
-            "seed": seed, "device": device, "precision": precision,
-        },
-    )  # fmt: skip
-    identity = _identity(_load_constitution(constitution), name, developer, knowledge_cutoff)
-    stats = run_engrave(cfg, data, out, identity, constitution=_constitution_label(constitution))
+    released = _identity(_load_constitution(constitution), identity)
+    stats = run_engrave(cfg, data, out, released, constitution=_constitution_label(constitution))
     typer.echo(_train_summary(out, stats), err=True)
 
 
@@ -122,81 +122,99 @@ def _train_summary(out: Path, stats: dict[str, Any]) -> str:
     )
 
 
+def _train_where_generating(data: dict[str, Any]) -> dict[str, Any]:
+    """--device (model.device) also places the final SFT unless train.device is set; cuda:N
+    only places generation (training takes auto, cpu or cuda)."""
+    model, train = data.get("model"), data.setdefault("train", {})
+    device = model.get("device") if isinstance(model, dict) else None
+    if device in ("auto", "cpu", "cuda") and isinstance(train, dict):
+        train.setdefault("device", device)
+    return data
+
+
+@config_flags(
+    VerboseCloneFile,
+    {**MODEL_FLAGS, **sampling_flags("sampling"), **keys("", "seed"),
+     **keys("train", "max_length", model="--base")},
+    config_help="YAML with stage 4's keys (as verbose: in a pipeline config) and model:.",
+    prepare=_train_where_generating,
+)  # fmt: skip
+@field_flags(Identity, IDENTITY_FLAGS, into="identity", show_defaults=False)
 def verbose_clone(
-    model: Annotated[
-        str, typer.Option(help="The engraved model (stage 3 output directory).")
-    ] = ...,
-    data: Annotated[Path, typer.Option("--data", help="Stage 2's aligned.jsonl.")] = ...,
-    out: Annotated[Path, typer.Option("--out", help="Stage directory to write (resumes).")] = ...,
-    base: Annotated[
-        str | None,
-        typer.Option(help="Base model of the final SFT (default: the engraved model's base)."),
-    ] = None,
+    data: Annotated[Path, typer.Option("--data", help="Stage 2's aligned.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", help="Stage directory to write (resumes).")],
+    cfg: VerboseCloneFile,
+    identity: dict[str, str],
     identity_data: Annotated[
         Path | None,
         typer.Option("--identity-data", help="identity.jsonl (default: next to --data)."),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML with VerboseConfig keys.")] = None,
-    temperature: Annotated[float | None, typer.Option()] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    max_length: Annotated[
-        int | None, typer.Option("--max-length", help="Cut-off of the final SFT.")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    device: DeviceOpt = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16.")] = None,
-    constitution: Annotated[
-        Path | None, typer.Option(help="Constitution (identity, exemplars).")
-    ] = None,
-    name: Annotated[str | None, typer.Option(help="Assistant's name.")] = None,
-    developer: Annotated[str | None, typer.Option()] = None,
-    knowledge_cutoff: Annotated[str | None, typer.Option("--knowledge-cutoff")] = None,
+    constitution: ConstitutionOpt = None,
     generate_only: Annotated[
         bool, typer.Option("--generate-only", help="Skip the final SFT.")
     ] = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="dotted.key=value override.")
-    ] = None,
 ) -> None:
-    """Stage 4: verbose answers from the engraved model, filtered; then SFT of the base model."""
-    from selfalign.generation import BackendConfig, load_backend
-    from selfalign.modeling import load_tokenizer
-    from selfalign.stages.stage4_verbose import (
-        VerboseConfig,
-        base_of,
-        identity_of,
-        run_final_sft,
-        run_verbose,
-    )
+    """Stage 4: verbose answers from the engraved model, filtered; then SFT of the base model.
 
-    cfg = _build(
-        VerboseConfig,
-        config,
-        set_,
-        {
-            "sampling.temperature": temperature, "sampling.top_p": top_p,
-            "sampling.max_tokens": max_tokens, "seed": seed, "train.max_length": max_length,
-            "train.device": device if device in ("auto", "cpu", "cuda") else None,
-        },
-    )  # fmt: skip
-    loaded = _load_constitution(constitution)
-    identity = _identity(loaded, name, developer, knowledge_cutoff, identity_of(model))
-    if loaded is None:
-        loaded = _recorded_constitution(model)
-    backend_opts = {"model": model, "batch_size": batch_size, "device": device, "dtype": dtype}
-    backend_cfg = _build(BackendConfig, None, None, backend_opts)
-    base_model = cfg.train.model or base or base_of(model)
+    --model is the engraved model (stage 3's output); --base, the model the final SFT starts
+    from, defaults to the base the engraved model was trained from. --device also places the
+    final SFT unless train.device is set. The identity is --constitution's, else the engraved
+    model's, with --name / --developer / --knowledge-cutoff on top."""
+    from selfalign.stages.stage4_verbose import run_final_sft
+    from selfalign.training.model_dir import base_of
+
+    engraved = require_model(cfg.model)
+    stage = VerboseConfig(**{k: getattr(cfg, k) for k in VerboseConfig.model_fields})
+    released = _released_constitution(constitution, engraved.model, identity)
+    base_model = stage.train.model or base_of(engraved.model)
     if not generate_only and not base_model:
-        raise UserError(f"--base: {model} does not say which base model it came from; pass --base")
-    backend = load_backend(backend_cfg)
+        raise UserError(
+            f"--base: {engraved.model} does not say which base model it came from; pass --base"
+        )
+    _verbose_answers(engraved, stage, data, out, released, identity_data)
+    if generate_only:
+        return
+    stats = run_final_sft(
+        stage, out / "verbose.jsonl", out / "model", released.identity, base_model,
+        _constitution_label(constitution),
+    )  # fmt: skip
+    typer.echo(_train_summary(out / "model", stats), err=True)
+
+
+def _released_constitution(path: Path | None, engraved: str, given: dict[str, str]):
+    """The constitution stage 2 used (--constitution, else the one the engraved model records,
+    else the default), carrying the released identity (the constitution's, else the model's,
+    with --name / --developer / --knowledge-cutoff on top)."""
+    from selfalign.training.model_dir import identity_of
+
+    loaded = _load_constitution(path)
+    identity = _identity(loaded, given, identity_of(engraved))
+    if loaded is None:  # the one stage 2 used, as `selfalign run` passes it
+        loaded = _recorded_constitution(engraved) or _load_constitution(Path("default"))
+    return loaded.with_identity(identity)
+
+
+def _verbose_answers(
+    engraved: BackendConfig,
+    stage: VerboseConfig,
+    data: Path,
+    out: Path,
+    constitution,
+    identity_data: Path | None,
+) -> None:
+    """Generate and filter the verbose answers (out/verbose.jsonl); print the funnel."""
+    from selfalign.generation import load_backend
+    from selfalign.modeling import load_tokenizer
+    from selfalign.stages.stage4_verbose import run_verbose
+
+    backend = load_backend(engraved)
     try:
-        tokenizer = getattr(backend, "tokenizer", None) or load_tokenizer(model)
+        tokenizer = (
+            backend.tokenizer if backend.tokenizer is not None else load_tokenizer(engraved.model)
+        )
         counts = run_verbose(
-            cfg, backend, data, out, identity, identity_data, tokenizer=tokenizer,
-            constitution=loaded,
-        )  # fmt: skip
+            stage, backend, data, out, constitution, identity_data, tokenizer=tokenizer
+        )
     finally:
         backend.close()
     reasons = ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items()) or "none"
@@ -204,79 +222,49 @@ def verbose_clone(
         f"{out / 'verbose.jsonl'}: kept {counts['kept']}/{counts['generated']} (rejected: {reasons})",
         err=True,
     )
-    if generate_only:
-        return
-    stats = run_final_sft(
-        cfg, out / "verbose.jsonl", out / "model", identity, base_model,
-        _constitution_label(constitution),
-    )  # fmt: skip
-    typer.echo(_train_summary(out / "model", stats), err=True)
 
 
-def chat(
-    model: Annotated[str, typer.Argument(help="Model directory (merged or adapter) or hub id.")],
-    system: Annotated[
-        str | None, typer.Option(help="System prompt (default: the model's own).")
-    ] = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 512,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
-) -> None:
+@config_flags(
+    ChatSettings, keys("", "system", "temperature", "max_new_tokens", "seed", top_p="--top-p")
+)
+@field_flags(BackendConfig, keys("", "device", "dtype"), into="placement")
+def chat(model: ModelArg, cfg: ChatSettings, placement: dict[str, str]) -> None:
     """Talk to a model: multi-turn, streamed; /reset starts over, /exit leaves."""
-    from selfalign.chat import ChatSettings, run_chat
-    from selfalign.config import validate
+    from selfalign.chat import run_chat
 
-    settings = validate(
-        ChatSettings,
-        {"system": system, "temperature": temperature, "top_p": top_p,
-         "max_new_tokens": max_new_tokens, "seed": seed},
-        "command line",
-    )  # fmt: skip
-    run_chat(model, settings, device, dtype)
+    where = build_config(BackendConfig, flags={"model": model, **placement})
+    run_chat(model, cfg, where.device, where.dtype)
 
 
+@config_flags(
+    ChatSettings,
+    keys("", "system", "temperature", "seed", top_p="--top-p", max_new_tokens="--max-tokens"),
+)
+@field_flags(BackendConfig, keys("", "batch_size", "device", "dtype"), into="placement")
 def answer(
-    model: Annotated[str, typer.Argument(help="Model directory (merged or adapter) or hub id.")],
+    model: ModelArg,
     input: Annotated[
         Path, typer.Option(help="JSONL: id + messages | instruction (+input) | question.")
-    ] = ...,
-    output: Annotated[Path, typer.Option(help="JSONL to write answers to (resumes).")] = ...,
-    system: Annotated[
-        str | None, typer.Option(help="System prompt (default: the model's own).")
-    ] = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
-    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 512,
-    seed: Annotated[int, typer.Option(help="Per-record sampling streams come from it.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    ],
+    output: Annotated[Path, typer.Option(help="JSONL to write answers to (resumes).")],
+    cfg: ChatSettings,
+    placement: dict[str, Any],
 ) -> None:
     """Answer every question of a JSONL file with a model's chat template (batched, resumable)."""
     from selfalign.chat import run_answer
-    from selfalign.config import validate
-    from selfalign.generation import BackendConfig, SamplingParams, load_backend
+    from selfalign.generation import SamplingParams, load_backend
 
-    params = validate(
-        SamplingParams,
-        {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens},
-        "command line",
-    )
-    backend_cfg = validate(
-        BackendConfig,
-        {"model": model, "batch_size": batch_size, "device": device, "dtype": dtype},
-        "command line",
-    )
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_tokens=cfg.max_new_tokens)  # fmt: skip
+    backend_cfg = build_config(BackendConfig, flags={"model": model, **placement})
     if output.exists():
         from selfalign.jsonl import read_jsonl
 
         read_jsonl(output)  # a malformed output file stops us before loading the model
     backend = load_backend(backend_cfg)
     try:
-        count = run_answer(backend, backend.tokenizer, input, output, params, seed, system)
+        count = run_answer(backend, backend.tokenizer, input, output, params, cfg.seed or 0,
+                           cfg.system)  # fmt: skip
     finally:
         backend.close()
     typer.echo(f"{output}: {count} answers", err=True)

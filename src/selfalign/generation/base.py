@@ -5,6 +5,11 @@ yields lists of `(index, Completion)` as batches finish, so a caller can append 
 resume after a crash. Sampling parameters use OpenAI/vLLM names, plus SELF-ALIGN's n-gram
 frequency penalties. A backend that cannot honour a parameter raises `UserError`; it never
 ignores one silently.
+
+What a backend can do is data, not guesswork: each backend type declares its `Capabilities`
+(known from the config, before any model is loaded), every backend has a `tokenizer` (None when
+it has none) and `eos_token_ids`, and `require` turns a stage's needs into one error line naming
+the config key and the fix, so a stage refuses before any work instead of quietly doing less.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -89,8 +94,52 @@ class PromptTooLong(UserError):
         )
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend type can honour, known from its config without loading a model."""
+
+    backend: str  # its name in messages: "transformers", "openai", "scripted"
+    token_logit_bias: bool  # applies SamplingParams.logit_bias (token id -> bias)
+    ngram_orders: frozenset[int]  # the n-gram penalty orders it applies
+    tokenizer: bool  # has a tokenizer: EOS ids, token ids of words, chat templates
+    # Completions come from Python (tests, dry runs), not from sampled tokens: token-level
+    # controls (logit biases, n-gram penalties, biases found through a tokenizer) have nothing
+    # to act on, so they are accepted without being required.
+    canned: bool = False
+
+    def with_tokenizer(self, has: bool) -> Capabilities:
+        return replace(self, tokenizer=has)
+
+
+ALL_NGRAM_ORDERS = frozenset({1, 2, 3, 4})
+
+
+@dataclass(frozen=True)
+class Need:
+    """A feature a stage switched on that needs the backend's tokenizer."""
+
+    feature: str  # "EOS suppression"
+    switch_off: str = ""  # the setting that turns the feature off ("" when it cannot be)
+    what: str = "the model's tokenizer"
+    token_logit_bias: bool = False  # the feature biases token ids found through the tokenizer
+
+
 class Backend:
-    """Base class: subclasses implement `iter_batches`."""
+    """Base class: subclasses set `CAPABILITIES` and implement `iter_batches`."""
+
+    CAPABILITIES: ClassVar[Capabilities]
+    tokenizer: Any = None  # the model's tokenizer (transformers API), or None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The type's capabilities, with `tokenizer` as this backend actually has it."""
+        return self.CAPABILITIES.with_tokenizer(self.tokenizer is not None)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end a completion (empty without a tokenizer)."""
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        return frozenset() if eos is None else frozenset({int(eos)})
 
     def iter_batches(
         self,
@@ -123,6 +172,66 @@ class Backend:
 
     def close(self) -> None:
         """Release the model (GPU memory); the default has nothing to release."""
+
+
+def require(
+    backend: Backend | Capabilities,
+    params: SamplingParams | None = None,
+    where: str | None = None,
+    key: str = "sampling",
+    needs: Sequence[Need] = (),
+) -> None:
+    """Refuse, in one `UserError` line, the first thing `backend` cannot honour.
+
+    `params` are checked against the backend's logit bias and n-gram orders (`key` is their
+    config key, e.g. "verbose.sampling"); each of `needs` against its tokenizer. `where` (e.g.
+    "stage 'verbose'") starts the message. Pass a loaded backend, or `capabilities(cfg)` in a
+    preflight before any model is loaded.
+    """
+    caps = backend.capabilities if isinstance(backend, Backend) else backend
+    problem = _params_problem(caps, params, key) if params is not None else None
+    for need in needs:
+        if problem is None:
+            problem = _need_problem(caps, need)
+    if problem is not None:
+        raise UserError(f"{where}: {problem}" if where else problem)
+
+
+def _params_problem(caps: Capabilities, params: SamplingParams, key: str) -> str | None:
+    if caps.canned:
+        return None
+    if params.logit_bias and not caps.token_logit_bias:
+        return (
+            f"backend {caps.backend!r} cannot bias token ids ({key}.logit_bias); remove it or "
+            "use backend transformers"
+        )
+    orders = sorted(
+        n for n, a in params.ngram_penalties.items() if a and n not in caps.ngram_orders
+    )
+    if orders:
+        return (
+            f"backend {caps.backend!r} cannot apply n-gram penalties of order"
+            f"{'s' if len(orders) > 1 else ''} {', '.join(map(str, orders))} "
+            f"({key}.ngram_penalties); remove them or use backend transformers"
+        )
+    return None
+
+
+def _need_problem(caps: Capabilities, need: Need) -> str | None:
+    if caps.canned and need.token_logit_bias:
+        return None
+    off = f", or switch it off with {need.switch_off}" if need.switch_off else ""
+    if need.token_logit_bias and not caps.token_logit_bias:
+        return (
+            f"{need.feature} biases token ids, which backend {caps.backend!r} cannot do; use "
+            f"backend transformers{off}"
+        )
+    if not caps.tokenizer:
+        return (
+            f"{need.feature} needs {need.what}, and backend {caps.backend!r} has none; set "
+            f"model.tokenizer to the served model's tokenizer (a local directory or hub id){off}"
+        )
+    return None
 
 
 def resolve_seeds(n: int, params: SamplingParams, seeds: Sequence[int] | None) -> list[int]:

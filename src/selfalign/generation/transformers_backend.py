@@ -19,13 +19,16 @@ How a job runs:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from selfalign.errors import UserError
 from selfalign.generation.base import (
+    ALL_NGRAM_ORDERS,
     Backend,
+    Capabilities,
     Completion,
     PromptTooLong,
     SamplingParams,
@@ -138,7 +141,53 @@ def choose_tokens(
     return (logits.softmax(-1) / noise).argmax(-1)
 
 
+@dataclass
+class _Batch:
+    """The decoding state of one batch. Rows leave `live` as they finish; the tensors hold live
+    rows only, in `live` order, while the lists are indexed by the batch's original row."""
+
+    params: SamplingParams
+    prompt_lengths: list[int]
+    generators: list[torch.Generator]
+    bias: torch.Tensor | None  # logit_bias as a vector over the vocabulary
+    mask: torch.Tensor  # attention mask: prefix, padding, suffix, generated tokens
+    next_position: torch.Tensor  # position id of each live row's next token
+    history: torch.Tensor  # [live rows, steps]: generated tokens, for the n-gram penalties
+    live: list[int]
+    tokens: list[list[int]]
+    results: list[Completion | None]
+    scanned: list[int]  # characters of decoded text already searched for stop strings
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every live row, after the logit bias and n-gram penalties."""
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.params.ngram_penalties and self.history.shape[1]:
+            logits = logits - ngram_penalty(
+                self.history, self.params.ngram_penalties, logits.shape[-1]
+            )
+        chosen = choose_tokens(logits, self.params, [self.generators[r] for r in self.live])
+        self.history = torch.cat([self.history, chosen[:, None]], dim=1)
+        return chosen
+
+    def keep_rows(self, keep: list[int], chosen: torch.Tensor, cache) -> torch.Tensor:
+        """Drop every live row not in `keep` (batch positions) from the state and the cache;
+        returns the kept rows' chosen tokens."""
+        if len(keep) == len(self.live):
+            return chosen
+        index = torch.tensor(keep, device=chosen.device)
+        cache.batch_select_indices(index)
+        self.mask, self.history = self.mask[index], self.history[index]
+        self.next_position = self.next_position[index]
+        self.live = [self.live[b] for b in keep]
+        return chosen[index]
+
+
 class TransformersBackend(Backend):
+    CAPABILITIES = Capabilities(
+        "transformers", token_logit_bias=True, ngram_orders=ALL_NGRAM_ORDERS, tokenizer=True
+    )
+
     def __init__(self, model, tokenizer, batch_size: int = 8, share_prefix: bool = True):
         """Wrap a model already in memory; `TransformersBackend.load` loads one by name."""
         if tokenizer.pad_token_id is None:
@@ -149,7 +198,7 @@ class TransformersBackend(Backend):
         self.share_prefix = share_prefix
         self.context = context_length(model)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.eos_ids = self._eos_ids()
+        self._eos = self._model_eos()
         self._prefix: tuple[tuple[int, ...], object] | None = None  # (token ids, KV cache)
         self.last_shared_prefix = 0  # for logs and tests: tokens shared by the last job
 
@@ -166,7 +215,13 @@ class TransformersBackend(Backend):
         loaded, tokenizer, _ = load_model(model, device, dtype, trust_remote_code)
         return cls(loaded, tokenizer, batch_size, share_prefix)
 
-    def _eos_ids(self) -> set[int]:
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The tokenizer's EOS and every EOS of the model's generation config (chat models
+        often end a turn with a token of their own)."""
+        return self._eos
+
+    def _model_eos(self) -> frozenset[int]:
         ids: set[int] = set()
         config = getattr(self.model, "generation_config", None)
         for source in (getattr(config, "eos_token_id", None), self.tokenizer.eos_token_id):
@@ -174,7 +229,7 @@ class TransformersBackend(Backend):
                 ids.add(source)
             elif source:
                 ids.update(source)
-        return ids
+        return frozenset(ids)
 
     # -- the job ---------------------------------------------------------------------------------
 
@@ -282,89 +337,95 @@ class TransformersBackend(Backend):
         params: SamplingParams,
         seeds: list[int],
     ) -> list[Completion]:
+        """Prefill the rows' suffixes after the shared prefix, then decode until every row ends."""
+        input_ids, mask, positions = self._pack(suffixes, shared)
+        cache = self._batch_cache(prefix_cache, len(suffixes), mask.shape[1] + params.max_tokens)
+        logits = self._forward(input_ids, mask, positions[:, shared:], cache)
+        batch = self._start(params, prompt_lengths, seeds, mask, positions[:, -1] + 1)
+        for step in range(params.max_tokens):
+            chosen = batch.choose(logits)
+            keep = self._record(batch, chosen.tolist(), last=step + 1 == params.max_tokens)
+            if not keep:
+                break
+            chosen = batch.keep_rows(keep, chosen, cache)
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.live), 1))], dim=1)
+            logits = self._forward(chosen[:, None], batch.mask, batch.next_position[:, None], cache)
+            batch.next_position = batch.next_position + 1
+        return batch.results  # type: ignore[return-value]
+
+    def _pack(self, suffixes: list[list[int]], shared: int) -> tuple[torch.Tensor, ...]:
+        """(input ids, attention mask, position ids) of `prefix | left padding | suffix` rows:
+        the padding masked out, positions counted over real tokens only."""
         rows, width = len(suffixes), max(len(s) for s in suffixes)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((rows, width), pad, dtype=torch.long)
+        input_ids = torch.full((rows, width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((rows, shared + width), dtype=torch.long)
         mask[:, :shared] = 1
         for r, ids in enumerate(suffixes):
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             mask[r, shared + width - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, mask, positions = (t.to(self.device) for t in (input_ids, mask, positions))
-        cache = self._batch_cache(prefix_cache, rows, shared + width + params.max_tokens)
+        return tuple(t.to(self.device) for t in (input_ids, mask, positions))
+
+    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        """Run the model over new tokens (extending `cache`); the last position's logits."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
-            position_ids=positions[:, shared:],
+            position_ids=positions,
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        logits = out.logits[:, -1, :].float()
-        next_position = positions[:, -1] + 1
+        return out.logits[:, -1, :].float()
 
+    def _start(self, params, prompt_lengths, seeds, mask, next_position) -> _Batch:
+        rows = len(prompt_lengths)
         bias = None
         if params.logit_bias:
-            bias = torch.zeros(logits.shape[-1], device=self.device)
+            bias = torch.zeros(self.vocab_size, device=self.device)
             for token, value in params.logit_bias.items():
                 bias[token] = value
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        live = list(range(rows))  # batch position -> row
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        results: list[Completion | None] = [None] * rows
-        history = torch.empty((rows, 0), dtype=torch.long, device=self.device)
-        stop_width = max((len(s) for s in params.stop), default=0)
-        scanned = [0] * rows  # characters of decoded text already searched for stops
+        return _Batch(
+            params, prompt_lengths, [torch.Generator().manual_seed(s) for s in seeds], bias,
+            mask, next_position, torch.empty((rows, 0), dtype=torch.long, device=self.device),
+            live=list(range(rows)), tokens=[[] for _ in range(rows)], results=[None] * rows,
+            scanned=[0] * rows,
+        )  # fmt: skip
 
-        for step in range(params.max_tokens):
-            if bias is not None:
-                logits = logits + bias
-            if params.ngram_penalties and history.shape[1]:
-                logits = logits - ngram_penalty(history, params.ngram_penalties, logits.shape[-1])
-            chosen = choose_tokens(logits, params, [generators[r] for r in live])
-            history = torch.cat([history, chosen[:, None]], dim=1)
-            keep = []
-            for b, token in enumerate(chosen.tolist()):
-                r = live[b]
-                tokens[r].append(token)
-                reason, text = None, None
-                if token in self.eos_ids:
-                    reason, text = "stop", self._decode(tokens[r][:-1])
-                elif params.stop:
-                    text = self._decode(tokens[r])
-                    cut = self._find_stop(text, params.stop, max(0, scanned[r] - stop_width))
-                    scanned[r] = len(text)
-                    if cut is not None:
-                        reason, text = "stop", text[:cut]
-                if reason is None and step + 1 == params.max_tokens:
-                    reason = "length"
-                if reason is None:
-                    keep.append(b)
-                    continue
-                if text is None:
-                    text = self._decode(tokens[r])
-                results[r] = Completion(text, reason, prompt_lengths[r], len(tokens[r]))
-            if not keep:
-                break
-            if len(keep) < len(live):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, history = mask[index], history[index]
-                chosen, next_position = chosen[index], next_position[index]
-                live = [live[b] for b in keep]
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-            out = self.model(
-                input_ids=chosen[:, None],
-                attention_mask=mask,
-                position_ids=next_position[:, None],
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
+    def _record(self, batch: _Batch, chosen: list[int], last: bool) -> list[int]:
+        """Append each live row's token; finish the rows that stop (or reach max_tokens, when
+        `last`). Returns the batch positions of the rows that go on."""
+        keep = []
+        for b, token in enumerate(chosen):
+            r = batch.live[b]
+            batch.tokens[r].append(token)
+            reason, text = self._stop(batch, r, token)
+            if reason is None and last:
+                reason = "length"
+            if reason is None:
+                keep.append(b)
+                continue
+            if text is None:
+                text = self._decode(batch.tokens[r])
+            batch.results[r] = Completion(
+                text, reason, batch.prompt_lengths[r], len(batch.tokens[r])
             )
-            logits = out.logits[:, -1, :].float()
-            next_position = next_position + 1
-        return results  # type: ignore[return-value]
+        return keep
+
+    def _stop(self, batch: _Batch, r: int, token: int) -> tuple[str | None, str | None]:
+        """("stop", text) when row `r` ends at `token` (EOS or a stop string); else (None, its
+        decoded text if it had to be decoded)."""
+        tokens, stops = batch.tokens[r], batch.params.stop
+        if token in self._eos:
+            return "stop", self._decode(tokens[:-1])
+        if not stops:
+            return None, None
+        text = self._decode(tokens)
+        # a stop string may straddle the text already searched: look back by the longest one
+        start = max(0, batch.scanned[r] - max(len(s) for s in stops))
+        cut = self._find_stop(text, stops, start)
+        batch.scanned[r] = len(text)
+        return ("stop", text[:cut]) if cut is not None else (None, text)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

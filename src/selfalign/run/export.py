@@ -17,15 +17,10 @@ from typing import Any
 from selfalign.errors import UserError
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
 from selfalign.run.registry import STAGES
+from selfalign.text.constitution import user_text
 
 FORMATS = ("alpaca", "sharegpt", "messages", "hf-dataset")
 DATASETS = {s.name: f"{s.folder}/{s.dataset}" for s in STAGES if s.dataset}
-
-
-def user_text(row: dict[str, Any]) -> str:
-    """The user's turn: the instruction, then its input (if any) on a new paragraph."""
-    extra = (row.get("input") or "").strip()
-    return row["instruction"].strip() + (f"\n\n{extra}" if extra else "")
 
 
 def to_alpaca(row: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +35,7 @@ def to_sharegpt(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": str(row["id"]),
         "conversations": [
-            {"from": "human", "value": user_text(row)},
+            {"from": "human", "value": user_text(row["instruction"], row.get("input") or "")},
             {"from": "gpt", "value": row["output"]},
         ],
     }
@@ -50,7 +45,7 @@ def to_messages(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": str(row["id"]),
         "messages": [
-            {"role": "user", "content": user_text(row)},
+            {"role": "user", "content": user_text(row["instruction"], row.get("input") or "")},
             {"role": "assistant", "content": row["output"]},
         ],
     }

@@ -15,40 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from selfalign.errors import UserError
 from selfalign.jsonl import write_text_atomic
 
-PACKAGES = (
-    "selfalign",
-    "torch",
-    "transformers",
-    "trl",
-    "peft",
-    "accelerate",
-    "datasets",
-    "rapidfuzz",
-)
-
 
 def config_hash(data: Any) -> str:
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 class Manifest:

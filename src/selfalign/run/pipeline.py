@@ -20,6 +20,7 @@ A stage's hash covers its own settings and the hash of the stage before it, in p
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import shutil
@@ -36,15 +37,17 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from selfalign.config import dump_config
 from selfalign.errors import UserError
 from selfalign.generation import Backend, BackendConfig, load_backend
+from selfalign.generation.records import ResumeMismatch
 from selfalign.jsonl import read_jsonl, write_text_atomic
-from selfalign.run.manifest import Manifest, config_hash, versions
+from selfalign.run.manifest import Manifest, config_hash
 from selfalign.run.registry import STAGE, STAGES, Stage, names, producers
 from selfalign.stages.stage2_self_align import stage_constitution
+from selfalign.training.model_dir import versions
 
 log = logging.getLogger(__name__)
 
 # model settings that change what is generated (batch size, device and concurrency do not)
-MODEL_KEYS = ("model", "backend", "dtype", "base_url", "trust_remote_code")
+MODEL_KEYS = ("model", "tokenizer", "backend", "dtype", "base_url", "trust_remote_code")
 
 
 class _PipelineBase(BaseModel):
@@ -102,13 +105,10 @@ def load_pipeline_config(
     path: str | Path, overrides: Iterable[str] = (), run_dir: str | Path | None = None
 ) -> PipelineConfig:
     """Read, override, validate and pre-flight a pipeline config; any problem is one UserError."""
-    from selfalign.config import apply_overrides, read_yaml, validate
+    from selfalign.config import build_config
 
-    data = read_yaml(path)
-    apply_overrides(data, list(overrides))
-    if run_dir is not None:
-        data["run_dir"] = str(run_dir)
-    cfg = validate(PipelineConfig, shared_defaults(data), str(path))
+    flags = {"run_dir": str(run_dir) if run_dir is not None else None}
+    cfg = build_config(PipelineConfig, path, overrides, flags, prepare=shared_defaults)
     preflight(cfg, str(path))
     return cfg
 
@@ -131,7 +131,21 @@ def preflight(cfg: PipelineConfig, source: str) -> None:
     ):
         if value is not None and not Path(value).is_file():
             raise UserError(f"{source}: {key}: no such file {value!r}")
+    _check_backend(cfg)
     _check_writable(Path(cfg.run_dir))
+
+
+def _check_backend(cfg: PipelineConfig) -> None:
+    """Every generating stage can do what its settings ask of the backend (tokenizer, logit bias,
+    n-gram orders), checked without loading the model."""
+    from selfalign.generation import capabilities
+    from selfalign.stages import stage1_instructions, stage2_self_align, stage4_verbose
+
+    caps = capabilities(cfg.model)
+    stage1_instructions.check_backend(cfg.instructions, caps)
+    stage2_self_align.check_backend(cfg.self_align, caps)
+    # stage 4 renders its prompts with the engraved model's own tokenizer (registry._verbose)
+    stage4_verbose.check_backend(cfg.verbose, caps, tokenizer_given=True)
 
 
 def _check_writable(run: Path) -> None:
@@ -156,10 +170,28 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     }
     settings = {s.name: {**upstream.get(s.name, {}), **getattr(cfg, s.name).model_dump()}
                 for s in STAGES}  # fmt: skip
+    settings = _with_file_contents(settings)
     # as JSON sees them (string keys), so they compare equal to what the manifest stored
     return {
         name: json.loads(json.dumps(v, sort_keys=True, default=str)) for name, v in settings.items()
     }
+
+
+def _with_file_contents(value: Any) -> Any:
+    """Settings with every file they name followed by a hash of its content, so an edited prompt
+    or seed file counts as a changed setting (same path, different text)."""
+    if isinstance(value, dict):
+        return {k: _with_file_contents(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_file_contents(v) for v in value]
+    if isinstance(value, str) and "\n" not in value and len(value) < 4096:
+        path = Path(value)
+        try:
+            if path.is_file():
+                return f"{value} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
+        except OSError:
+            pass
+    return value
 
 
 def stage_hashes(cfg: PipelineConfig) -> dict[str, str]:
@@ -306,7 +338,7 @@ class Pipeline:
         manifest.data.update(
             versions=versions(), seed=self.cfg.seed, config_hash=config_hash(self.cfg.model_dump())
         )
-        self._mark_stale(manifest, todo, stages or names())
+        self._mark_stale(manifest, todo)
         manifest.save()
         try:
             for item in todo:
@@ -315,15 +347,19 @@ class Pipeline:
             self.release()
         return manifest
 
-    def _mark_stale(self, manifest: Manifest, todo: list[_Todo], selected: list[str]) -> None:
-        """Done stages after a redone one, outside the selection, no longer match their inputs."""
+    def _mark_stale(self, manifest: Manifest, todo: list[_Todo]) -> None:
+        """From the first redone stage on, no earlier output matches its inputs any more: mark
+        those stages stale before any work, so a failure on the way leaves none of them "done"."""
         redone = [t.stage.number for t in todo if t.redo]
         if not redone:
             return
-        for stage in STAGES[min(redone) :]:
+        running = {t.stage.name for t in todo}
+        for stage in STAGES[min(redone) - 1 :]:
             entry = manifest.stage(stage.name)
-            if stage.name not in selected and entry["status"] != "pending":
-                entry["status"] = "stale"
+            if entry["status"] == "pending":
+                continue
+            entry["status"] = "stale"
+            if stage.name not in running:
                 self.events("stage_stale", f"[{stage.name}] marked stale: an earlier stage is "
                             "redone; it is redone the next time it is selected", stage=stage.name)  # fmt: skip
 
@@ -338,6 +374,8 @@ class Pipeline:
         try:
             counts, outputs = stage.run(self)
         except BaseException as e:
+            if isinstance(e, ResumeMismatch):  # a raw file made from other prompts: redo the stage
+                e.restart_hint = f"rerun with --force {stage.name}"
             message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             first = message.splitlines()[0] if message.strip() else type(e).__name__
             manifest.fail(stage.name, first, time.perf_counter() - started)

@@ -47,7 +47,6 @@ class Stage:
     dataset: str | None = None  # what `selfalign export` publishes
     sample_fields: tuple[str, ...] = ()  # shown after a run
     seeded: tuple[tuple[str, ...], ...] = field(default=((),))  # sections taking the top-level seed
-    generates: bool = False  # uses the generation backend
 
     @property
     def number(self) -> int:
@@ -128,10 +127,9 @@ def _verbose(p: Pipeline) -> Outputs:
         backend,
         p.run / STAGE["verbose"].inputs[0],
         out,
-        p.constitution.identity,
+        p.constitution,
         # the prompt is rendered with the engraved model's chat template, whatever serves it
         tokenizer=backend.tokenizer or load_tokenizer(str(engraved)),
-        constitution=p.constitution,
     )
     p.release()
     stats = run_final_sft(
@@ -167,7 +165,6 @@ STAGES: tuple[Stage, ...] = (
         kept="instructions.jsonl",
         sample_fields=("source", "instruction"),
         seeded=(("self_instruct",), ("topics",), ("questions",), ("merge",)),
-        generates=True,
     ),
     Stage(
         name="self_align",
@@ -182,7 +179,6 @@ STAGES: tuple[Stage, ...] = (
         kept="aligned.jsonl",
         dataset="sft.jsonl",
         sample_fields=("instruction", "output"),
-        generates=True,
     ),
     Stage(
         name="engrave",
@@ -205,7 +201,6 @@ STAGES: tuple[Stage, ...] = (
         dataset="verbose.jsonl",
         sample_fields=("instruction", "output"),
         seeded=((), ("train",)),
-        generates=True,
     ),
 )
 STAGE: dict[str, Stage] = {s.name: s for s in STAGES}

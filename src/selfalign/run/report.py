@@ -41,8 +41,8 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return read_jsonl(path) if path.exists() else []
 
 
-def _figure(draw, title: str) -> str:
-    """Render `draw(ax)` to an embedded PNG <figure>."""
+def _figure(draw, title: str, caption: str = "") -> str:
+    """Render `draw(ax)` to an embedded PNG <figure>, with `caption` as text under it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +56,9 @@ def _figure(draw, title: str) -> str:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     data = base64.b64encode(buffer.getvalue()).decode()
-    return f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>'
+    img = f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+    text = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f"<figure>{img}{text}</figure>"
 
 
 def _bars(counts: dict[str, float], title: str, color: str = "#3b6fd8") -> str:
@@ -66,7 +68,8 @@ def _bars(counts: dict[str, float], title: str, color: str = "#3b6fd8") -> str:
         ax.barh(labels[::-1], [counts[k] for k in labels][::-1], color=color)
         ax.tick_params(labelsize=8)
 
-    return _figure(draw, title)
+    # the numbers as text too: an image cannot be searched, copied or read by a screen reader
+    return _figure(draw, title, ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def _hist(values: list[float], title: str, bins: int = 30) -> str:

@@ -21,7 +21,8 @@ check a step's files without a model, so a command can fail before loading one.
 With `shard="i/n"` (0-based), self-instruct and questions run a deterministic slice and tag their
 files `<name>.shard<i>of<n>.jsonl`; the merge reads all shards. Raw completions are appended per
 batch by `generate_records`, so a killed step rerun continues where it stopped and the final
-files (written atomically) equal those of an uninterrupted run.
+files (written atomically) equal those of an uninterrupted run; a rerun whose prompts (seeds,
+prompt files) or sampling changed is refused, never mixed into the old completions.
 
 Defects of the original scripts avoided here (each has a test): ROUGE-L only within a shard,
 (type, topic) resume that never matched, few-shot seed hints accepted as new questions, topic
@@ -47,8 +48,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfalign.errors import UserError
-from selfalign.generation import Backend, SamplingParams, row_seed
-from selfalign.generation.records import Tally, generate_records, verdicts
+from selfalign.generation import Backend, Capabilities, Need, SamplingParams, require, row_seed
+from selfalign.generation.records import generate_records, verdicts
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.shards import Shard, parse_shard
 from selfalign.text.novelty import NoveltyPool
@@ -310,42 +311,33 @@ def blocklist_patterns(words: Sequence[str]) -> list[re.Pattern]:
 
 
 def eos_bias(backend: Backend) -> dict[int, float]:
-    """{eos id: -100} from the backend's tokenizer; {} when the backend has none (scripted)."""
-    ids: set[int] = set()
-    tokenizer = getattr(backend, "tokenizer", None)
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    ids.update(int(i) for i in getattr(backend, "eos_ids", None) or ())
-    return {i: -100.0 for i in sorted(ids)}
+    """{eos id: -100} for every token that would end the backend's completions."""
+    return {i: -100.0 for i in sorted(backend.eos_token_ids)}
 
 
 def _params(sampling: SamplingParams, suppress_eos: bool, backend: Backend) -> SamplingParams:
     if not suppress_eos:
         return sampling
-    bias = eos_bias(backend)
-    if not bias and not sampling.logit_bias:
-        log.warning(
-            "backend has no tokenizer: EOS is not suppressed (set sampling.logit_bias to "
-            "{EOS_TOKEN_ID: -100} to do so)"
-        )
-    return sampling.model_copy(update={"logit_bias": {**bias, **sampling.logit_bias}})
+    return sampling.model_copy(update={"logit_bias": {**eos_bias(backend), **sampling.logit_bias}})
 
 
-def _generate(
-    backend, records, params, raw_path: Path, seed: int, label: str, tally: Tally
-) -> list[dict]:
-    """`generate_records`, first refusing a raw file written for other prompts (changed seeds,
-    prompt files or settings): mixing the two would make a run no one could reproduce."""
-    if raw_path.exists():
-        done = {r["id"]: r.get("prompt") for r in read_jsonl(raw_path)}
-        for r in records:
-            if r["id"] in done and done[r["id"]] != r["prompt"]:
-                raise UserError(
-                    f"{raw_path}: record {r['id']!r} was generated from a different prompt "
-                    "(seeds, prompt file or settings changed); use a new output directory or "
-                    "delete this file"
-                )
-    return generate_records(backend, records, params, raw_path, seed=seed, label=label, tally=tally)
+StepConfig = SelfInstructConfig | TopicsConfig | QuestionsConfig
+STEP_KEYS = {SelfInstructConfig: "self_instruct", TopicsConfig: "topics", QuestionsConfig: "questions"}  # fmt: skip
+
+
+def check_backend(
+    cfg: Stage1Config | StepConfig, backend: Backend | Capabilities, section: str = "instructions"
+) -> None:
+    """Refuse, in one line and before any work, a backend that cannot run stage 1 (all of it, or
+    one step) as configured: EOS suppression biases the tokenizer's EOS ids, and the sampling
+    must be within the backend's controls. `section` is the config key above the step sections
+    ("" in a stage-1 file); `backend` is a loaded backend or `capabilities(cfg.model)`."""
+    whole = isinstance(cfg, Stage1Config)
+    for step in [cfg.self_instruct, cfg.topics, cfg.questions] if whole else [cfg]:
+        key = ".".join(filter(None, [section, STEP_KEYS[type(step)]]))
+        eos = Need("EOS suppression", f"{key}.suppress_eos: false", token_logit_bias=True)
+        needs = [eos] if step.suppress_eos else []
+        require(backend, step.sampling, "stage 'instructions'", f"{key}.sampling", needs)
 
 
 def _reject(step: str, reason: str, key: str, prompt_id: str, **fields: Any) -> dict:
@@ -447,6 +439,7 @@ def run_self_instruct(
 ) -> dict[str, Any]:
     """Generate and filter until this shard's share of `num_instructions` is kept (or
     `max_rounds` is spent: the shortfall is reported, never looped on forever)."""
+    check_backend(cfg, backend)
     shard, out_dir = parse_shard(shard), Path(out_dir)
     seeds, meta = self_instruct_inputs(cfg)
     target = shard.share(cfg.num_instructions)
@@ -480,7 +473,9 @@ def run_self_instruct(
             for r in range(rounds, rounds + ahead)
             for row in _self_instruct_round(cfg, seeds, meta, shard.tag, r)
         ]
-        done = _generate(backend, records, params, raw_path, cfg.seed, "self-instruct", tally)
+        done = generate_records(
+            backend, records, params, raw_path, cfg.seed, label="self-instruct", tally=tally
+        )
         by_round: dict[int, list[dict]] = {}
         for row in done:
             by_round.setdefault(row["round"], []).append(row)
@@ -663,6 +658,7 @@ def run_topics(
     Topic brainstorming is small and each epoch needs the previous one, so it is not sharded:
     every shard would compute the same thing. Only shard 0 (or an unsharded call) runs it.
     """
+    check_backend(cfg, backend)
     shard, out_dir = parse_shard(shard), Path(out_dir)
     if shard.index != 0:
         return {"step": TOPICS, "skipped": f"runs on shard 0 only (this is {shard.index})"}
@@ -696,7 +692,9 @@ def run_topics(
     for epoch in range(cfg.epochs):
         records = _topic_prompts(cfg, template, types, pool, epoch)
         label = f"topics epoch {epoch}"
-        done = _generate(backend, records, params, raw_path, cfg.seed, label, tally)
+        done = generate_records(
+            backend, records, params, raw_path, cfg.seed, label=label, tally=tally
+        )
         prompts += len(done)
         for row in done:
             results = parse_topics(row["completion"], row["shown"], row["finish_reason"],
@@ -926,6 +924,7 @@ def run_questions(
     cfg: QuestionsConfig, backend: Backend, out_dir: str | Path, shard: Any = None
 ) -> dict[str, Any]:
     """One prompt per group of (type, topic) hints; keep the lines answering the new hints."""
+    check_backend(cfg, backend)
     shard, out_dir = parse_shard(shard), Path(out_dir)
     examples_pool, template, topics = questions_inputs(cfg, out_dir)
     params = _params(cfg.sampling, cfg.suppress_eos, backend)
@@ -955,7 +954,9 @@ def run_questions(
         records.append(
             {"id": gid, "prompt": prompt, "hints": [list(h) for h in hints], "examples": examples}
         )
-    done = _generate(backend, records, params, raw_path, cfg.seed, "tgrt questions", tally)
+    done = generate_records(
+        backend, records, params, raw_path, cfg.seed, label="tgrt questions", tally=tally
+    )
     # completions of groups no longer planned (made from an earlier topics file) still count
     planned = {r["id"] for r in records}
     done += [r for r in read_jsonl(raw_path) if r["id"] not in planned]

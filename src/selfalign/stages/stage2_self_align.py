@@ -10,7 +10,9 @@ Reads:  instructions.jsonl (stage 1: id, instruction, input, source), a constitu
         bundled name, or a raw prompt text such as the original watson prompt), identity
         questions (bundled YAML) and optionally ShareGPT-style identity conversations.
 Writes (in `out_dir`):
-        self_align[.shardIofN].raw.jsonl  every completion (resume: ids there are not redone)
+        self_align[.shardIofN].raw.jsonl  every completion (resume: ids there are not redone;
+                                          prompt_sha/settings_sha refuse a rerun under other
+                                          prompts or sampling)
         aligned.jsonl    id, instruction, input, output, thoughts, principles, source
         identity.jsonl   identity questions answered from the constitution's identity (same fields)
         rejected.jsonl   every rejected completion with its `reason` (and the raw completion)
@@ -19,12 +21,13 @@ Writes (in `out_dir`):
 
 Generation uses the paper's sampling (temperature 0.5, top-p 0.95, 256 new tokens), stops at the
 next user turn and biases against every token that can start "Sorry" / "I'm sorry". Parsing and
-filtering are pure functions; each rejection has a reason:
+filtering are pure functions; the answer filters are `selfalign.text.filters`, the ones stage 4
+applies too. Each rejection has a reason:
 
     no_answer, no_thoughts, no_self_identification   the completion does not follow the format
-    empty, truncated, apology, too_short, no_citation, exemplar_leakage
+    empty, truncated, apology, too_short, exemplar_leakage, no_citation
 
-Cuts that keep an answer: at the next turn marker, at the first repeated clause, and (opt-in)
+Cuts that keep an answer: at the next turn header, at the first repetition, and (opt-in)
 back to the last complete sentence of an answer stopped by the length limit. Defects of the
 original avoided here (each has a test): only the first token of one spelling of "Sorry" biased;
 answers cut by the length limit kept with a dangling partial word; exemplar leakage found with a
@@ -38,7 +41,6 @@ the final files (the last shard to finish does it, and the files are the same wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -54,9 +56,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfalign.config import read_yaml, validate
 from selfalign.errors import UserError
-from selfalign.generation import Backend, SamplingParams, row_seed
-from selfalign.generation.records import generate_records, verdicts
-from selfalign.jsonl import read_jsonl, read_records, write_jsonl_atomic, write_text_atomic
+from selfalign.generation import Backend, Capabilities, Need, SamplingParams, require, row_seed
+from selfalign.generation.records import (
+    Shas,
+    check_resume,
+    generate_records,
+    prompt_shas,
+    verdicts,
+)
+from selfalign.jsonl import (
+    check_unique_ids,
+    read_jsonl,
+    read_records,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from selfalign.shards import Shard, parse_shard
 from selfalign.text.constitution import (
     Constitution,
@@ -67,7 +81,16 @@ from selfalign.text.constitution import (
     load_constitution,
     render_prefix,
     render_prompt,
-    user_message,
+    user_text,
+)
+from selfalign.text.conversation import sharegpt_messages
+from selfalign.text.filters import (
+    ExemplarLeakage,
+    answer_rejection,
+    cut_at_turn_header,
+    cut_repetition,
+    turn_header_pattern,
+    words,
 )
 
 log = logging.getLogger(__name__)
@@ -175,11 +198,6 @@ def stage_constitution(cfg: SelfAlignConfig) -> Constitution:
     return c.with_identity(cfg.identity) if cfg.identity is not None else c
 
 
-def turn_labels(c: Constitution) -> list[str]:
-    """The labels that open a turn in the prompt ('User', 'Orion (internal thoughts)', ...)."""
-    return [c.label(kind) for kind in ("user", "thoughts", "auto_reply", "answer")]
-
-
 def turn_stops(c: Constitution) -> list[str]:
     """Generation stops where the model starts the next user turn."""
     return [f"\n{c.label('user')}:"]
@@ -215,15 +233,25 @@ def apology_token_ids(tokenizer) -> list[int]:
 
 
 def apology_bias(cfg: SelfAlignConfig, backend: Backend) -> dict[int, float]:
-    """{token id: cfg.apology_bias} from the backend's tokenizer; {} when it has none (a
-    scripted backend, an HTTP server): the apology filter still rejects such answers."""
-    tokenizer = getattr(backend, "tokenizer", None)
-    if not cfg.apology_bias:
+    """{token id: cfg.apology_bias} from the backend's tokenizer; {} when the bias is off, or
+    the backend has no tokenizer (only a canned one gets this far without: `check_backend`)."""
+    if not cfg.apology_bias or backend.tokenizer is None:
         return {}
-    if tokenizer is None:
-        log.info("backend has no tokenizer: no apology bias (the apology filter still applies)")
-        return {}
-    return {i: cfg.apology_bias for i in apology_token_ids(tokenizer)}
+    return {i: cfg.apology_bias for i in apology_token_ids(backend.tokenizer)}
+
+
+def check_backend(
+    cfg: SelfAlignConfig, backend: Backend | Capabilities, section: str = "self_align"
+) -> None:
+    """Refuse, in one line and before any work, a backend that cannot run stage 2 as configured:
+    the apology bias biases token ids found through the tokenizer, and the sampling must be
+    within the backend's controls. `section` is the config key of this stage ("" in a stage-2
+    file); `backend` is a loaded backend or `capabilities(cfg.model)`."""
+    key = ".".join(filter(None, [section, "apology_bias"]))
+    apology = Need("the apology bias", f"{key}: 0", token_logit_bias=True)
+    sampling = ".".join(filter(None, [section, "sampling"]))
+    needs = [apology] if cfg.apology_bias else []
+    require(backend, cfg.sampling, "stage 'self_align'", sampling, needs)
 
 
 def sampling_params(
@@ -252,17 +280,9 @@ class Parsed:
     reason: str | None = None  # set when the completion does not follow the format
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def _marker_re(c: Constitution) -> re.Pattern:
-    labels = sorted(turn_labels(c), key=len, reverse=True)  # longest first: "Orion (auto reply)"
-    return re.compile(r"^[ \t]*(" + "|".join(re.escape(x) for x in labels) + r"):", re.MULTILINE)
+def turn_headers(c: Constitution) -> re.Pattern:
+    """A line opening a turn of the prompt ('User:', 'Orion (internal thoughts):', ...)."""
+    return turn_header_pattern(f"{label}:" for label in c.turn_labels())
 
 
 def parse_completion(
@@ -270,26 +290,25 @@ def parse_completion(
 ) -> Parsed:
     """Split what follows the thoughts cue into thoughts and answer.
 
-    The answer starts after the answer label and ends at the next turn marker (a user turn, new
+    The answer starts after the answer label and ends at the next turn header (a user turn, new
     thoughts, an auto reply, another answer); the thoughts must open with the constitution's
     self-identification sentence. The answer gets the repetition cut here too.
     """
-    answer_label = c.label("answer")
-    markers = list(_marker_re(c).finditer(completion))
-    first = markers[0] if markers else None
+    headers = turn_headers(c)
+    first = headers.search(completion)
     thoughts = completion[: first.start() if first else len(completion)].strip()
-    if first is None or first.group(1) != answer_label:
+    if first is None or first.group(1) != f"{c.label('answer')}:":
         return Parsed(thoughts=thoughts, reason="no_answer" if thoughts else "no_thoughts")
     parsed = Parsed(thoughts=thoughts, truncated=finish_reason == "length")
-    end = markers[1].start() if len(markers) > 1 else len(completion)
-    if len(markers) > 1:
+    parsed.answer, cut = cut_at_turn_header(completion[first.end() :], headers)
+    if cut:
         parsed.cuts.append("turn_marker")
         parsed.truncated = False  # the length limit struck after the turn ended
-    parsed.answer = completion[first.end() : end].strip()
     if not thoughts:
         parsed.reason = "no_thoughts"
         return parsed
-    if not _norm(thoughts).startswith(_norm(c.fill(c.self_identification))):
+    self_id = words(c.fill(c.self_identification))
+    if words(thoughts)[: len(self_id)] != self_id:
         parsed.reason = "no_self_identification"
         return parsed
     parsed.principles = find_citations(thoughts, c.principles)
@@ -298,54 +317,6 @@ def parse_completion(
         parsed.answer, parsed.truncated = answer, False
         parsed.cuts.append("repetition")
     return parsed
-
-
-_FENCE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
-
-
-def _mask_code(text: str) -> str:
-    """`text` with fenced code blanked out (same length): code repeats lines legitimately."""
-    return _FENCE.sub(lambda m: " " * len(m.group(0)), text)
-
-
-def cut_repetition(text: str, min_clause_words: int = 4, max_period: int = 8) -> tuple[str, bool]:
-    """Cut `text` at the first repetition: a clause (sentence or line) of at least
-    `min_clause_words` words seen before, or a phrase of up to `max_period` words repeated three
-    times in a row ("I like cats, I like cats, I like cats"). Returns (text, whether cut)."""
-    masked = _mask_code(text)
-    cuts = []
-    seen: set[str] = set()
-    for m in re.finditer(r"[^.!?;\n]+", masked):
-        words = _words(m.group(0))
-        key = " ".join(words)
-        if len(words) >= min_clause_words:
-            if key in seen:
-                cuts.append(m.start() + len(m.group(0)) - len(m.group(0).lstrip()))
-                break
-            seen.add(key)
-    spans = [(m.start(), m.group(0).lower()) for m in re.finditer(r"\w+", masked)]
-    words = [w for _, w in spans]
-    tandem = _first_tandem(words, max_period)
-    if tandem is not None:
-        cuts.append(spans[tandem][0])
-    if not cuts:
-        return text, False
-    return text[: min(cuts)].rstrip(" \t\n,;:-"), True
-
-
-def _first_tandem(words: list[str], max_period: int, times: int = 3, min_span: int = 6):
-    """Index of the word where the first repeat starts, for a phrase repeated `times` in a row
-    covering at least `min_span` words (so '1, 1, 1' in a list is not a loop)."""
-    for i in range(len(words)):
-        for p in range(1, max_period + 1):
-            if p * times < min_span or i + p * times > len(words):
-                continue
-            phrase = words[i : i + p]
-            if all(w.isdigit() for w in phrase):  # "0, 1, 0, 1, 0, 1" is data, not a loop
-                continue
-            if all(words[i + k * p : i + (k + 1) * p] == phrase for k in range(1, times)):
-                return i + p
-    return None
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|\Z)")
@@ -367,141 +338,11 @@ def cut_to_last_sentence(text: str) -> str | None:
     return out or None
 
 
-_APOLOGY = re.compile(
-    r"^\W*(?:sorry|(?:i\s*['’]?\s*a?m|i\s+am)\s+(?:\w+\s+)?sorry|(?:my\s+)?apologies|"
-    r"i\s+(?:do\s+)?apologi[sz]e)\b",
-    re.IGNORECASE,
-)
-
-
-def opens_with_apology(text: str) -> bool:
-    """'Sorry, ...', "I'm sorry", 'I am so sorry', 'My apologies', 'I apologize' ..."""
-    return bool(_APOLOGY.match(text))
-
-
 def replace_name(text: str, old: str, new: str) -> str:
-    """Replace the whole word `old` (e.g. the prompt's codename) with `new`."""
+    """Replace the whole word `old` (e.g. the prompt's codename) with `new`, taken literally."""
     if not old or old == new:
         return text
-    return re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", new, text)
-
-
-# ----------------------------------------------------------------------------- exemplar leakage
-
-# Function words never make a phrase distinctive (a grammar list, not a list of topics).
-STOPWORDS = frozenset(
-    """a about above after again against all also am an and any are as at be because been before
-    being below between both but by can could did do does doing down during each few for from
-    further had has have having he her here hers him his how i if in into is it its itself just
-    me more most my no nor not now of off on once only or other our ours out over own same she
-    should so some such than that the their theirs them then there these they this those through
-    to too under until up very was we were what when where which while who whom why will with
-    would you your yours""".split()
-)
-
-
-def _stem(word: str) -> str:
-    """Plural-blind comparison ("presidents" asks about "president")."""
-    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
-
-
-def _names_and_numbers(text: str) -> set[str]:
-    """Capitalised words not opening a sentence ("Rosetta", "Kowalczyk") and numbers of three
-    digits or more ("1799"): what makes a passage specific to one conversation."""
-    out = set()
-    for m in re.finditer(r"\w+", text):
-        word = m.group(0)
-        if word.isdigit():
-            if len(word) >= 3:
-                out.add(word)
-            continue
-        before = text[: m.start()].rstrip(" \t\"'(*`[#-")
-        if word[0].isupper() and before and before[-1] not in ".!?:\n":
-            out.add(word.lower())
-    return out
-
-
-class ExemplarLeakage:
-    """Finds answers that copy an exemplar instead of answering their own question.
-
-    The distinctive words of an exemplar are its topic (the words of its user turns), its names
-    and its numbers, less every word that another exemplar or the rest of the constitution
-    (principles, preamble, identity) also uses, and less function words: "Rosetta", "1799",
-    "Kowalczyk", "weather". An answer leaks when it shares `n` words in a row with an exemplar
-    that contain at least `min_distinctive` distinctive words the question does not contain,
-    unless the question is on that exemplar's topic: it shares a name or number of the
-    exemplar's user turns, or half of their distinctive words.
-    So an answer that merely mentions a president or the weather is kept, so is one that reuses
-    an exemplar's generic phrasing ("my knowledge ends in ..."), and so is a weather answer that
-    borrows from the weather exemplar; a distinctive sentence copied into another topic is not.
-    Usable by other stages (stage 4 checks verbose answers) through `from_constitution`.
-    """
-
-    def __init__(
-        self,
-        texts: Sequence[Sequence[str]],
-        topics: Sequence[str] | None = None,
-        background: Iterable[str] = (),
-        n: int = 8,
-        min_distinctive: int = 1,
-    ):
-        self.n, self.min_distinctive = n, min_distinctive
-        topics = topics if topics is not None else [""] * len(texts)
-        vocab = [{_stem(w) for t in group for w in _words(t)} for group in texts]
-        common = {_stem(w) for w in STOPWORDS} | {_stem(w) for t in background for w in _words(t)}
-        # n-gram -> (its exemplar, its distinctive words); a distinctive word belongs to one
-        # exemplar only, so every such n-gram does too
-        self.grams: dict[tuple[str, ...], tuple[int, frozenset[str]]] = {}
-        # per exemplar: the distinctive words of its user turns, and the names/numbers among them
-        self.topics: list[tuple[frozenset[str], frozenset[str]]] = []
-        for i, group in enumerate(texts):
-            others = set().union(*(v for j, v in enumerate(vocab) if j != i))
-            topic = {_stem(w) for w in _words(topics[i])}
-            names = {_stem(w) for t in group for w in _names_and_numbers(t)}
-            distinctive = {w for w in (topic | names) - others - common if len(w) >= 3}
-            topic_names = {_stem(w) for w in _names_and_numbers(topics[i])}
-            self.topics.append(
-                (frozenset(distinctive & topic), frozenset(distinctive & topic_names))
-            )
-            for text in group:
-                words = _words(text)
-                for k in range(len(words) - n + 1):
-                    gram = tuple(words[k : k + n])
-                    found = distinctive.intersection(_stem(w) for w in gram)
-                    if found:
-                        self.grams[gram] = (i, frozenset(found))
-
-    @classmethod
-    def from_constitution(
-        cls, c: Constitution, n: int = 8, min_distinctive: int = 1
-    ) -> ExemplarLeakage:
-        texts = [[c.fill(t) for t in ex.texts()] for ex in c.exemplars]
-        topics = [" ".join(c.fill(t.user) for t in ex.turns) for ex in c.exemplars]
-        background = [
-            c.fill(c.preamble), c.fill(c.examples_intro), c.fill(c.self_identification),
-            c.fill(c.citation.replace("{cited}", "")), *turn_labels(c),
-            *(f"{p.name} {c.fill(p.text)}" for p in c.principles),
-            *c.identity.model_dump().values(), c.fill("{knowledge_cutoff}"),
-        ]  # fmt: skip
-        return cls(texts, topics, background, n, min_distinctive)
-
-    def find(self, answer: str, question: str = "") -> str | None:
-        """The first copied phrase of `answer` (its words joined by spaces), or None."""
-        if not self.grams:
-            return None
-        asked = {_stem(w) for w in _words(question)}
-        on_topic = {
-            i
-            for i, (topic, names) in enumerate(self.topics)
-            if names & asked or (topic and 2 * len(topic & asked) >= len(topic))
-        }
-        words = _words(answer)
-        for k in range(len(words) - self.n + 1):
-            gram = tuple(words[k : k + self.n])
-            hit = self.grams.get(gram)
-            if hit and hit[0] not in on_topic and len(hit[1] - asked) >= self.min_distinctive:
-                return " ".join(gram)
-        return None
+    return re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", lambda _: new, text)
 
 
 # ----------------------------------------------------------------------------- filtering
@@ -521,7 +362,7 @@ class Verdict:
 def judge(
     c: Constitution,
     cfg: SelfAlignConfig,
-    leakage: ExemplarLeakage | None,
+    leakage: ExemplarLeakage,
     completion: str,
     finish_reason: str,
     question: str = "",
@@ -540,14 +381,10 @@ def judge(
             return Verdict("truncated", parsed)
         answer = shorter
         parsed.cuts.append("truncated_to_sentence")
-    if opens_with_apology(answer):
-        return Verdict("apology", parsed)
-    if len(_words(answer)) < cfg.min_words:
-        return Verdict("too_short", parsed)
+    if rejection := answer_rejection(answer, question, cfg.min_words, leakage):
+        return Verdict(rejection.reason, parsed, detail=rejection.detail)
     if cfg.require_citation and not parsed.principles:
         return Verdict("no_citation", parsed)
-    if leakage is not None and (phrase := leakage.find(answer, question)):
-        return Verdict("exemplar_leakage", parsed, detail=phrase)
     output = replace_name(answer, c.codename or "", c.identity.name)
     return Verdict(None, parsed, output=output, renamed=output != answer)
 
@@ -561,7 +398,7 @@ def filter_completions(
     cuts: Counter[str] = Counter()
     renamed = 0
     for r in raw:
-        question = user_message(r["instruction"], r.get("input") or "")
+        question = user_text(r["instruction"], r.get("input") or "")
         v = judge(c, cfg, leakage, r["completion"], r.get("finish_reason", "stop"), question)
         if v.reason:
             rejected.append(
@@ -641,11 +478,7 @@ def load_identity_questions(path_or_name: str = "default") -> list[IdentityQuest
     if not path.is_file():
         raise UserError(f"{path}: identity questions file not found (or use 'default')")
     data = validate(IdentityQuestions, read_yaml(path), str(path))
-    seen: set[str] = set()
-    for n, q in enumerate(data.questions):
-        if q.id in seen:
-            raise UserError(f"{path}: questions[{n}]: duplicate id {q.id!r}")
-        seen.add(q.id)
+    check_unique_ids([q.model_dump() for q in data.questions], f"{path}: questions")
     return data.questions
 
 
@@ -664,9 +497,6 @@ def identity_rows(
     return rows
 
 
-_HUMAN, _BOT = {"human", "user"}, {"gpt", "assistant", "bot", "chatgpt", "model"}
-
-
 def load_identity_conversations(
     path: str | Path, identity: Identity, replace: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
@@ -675,14 +505,12 @@ def load_identity_conversations(
     (`replace`: old name -> template with {name}/{developer}/...), exact duplicates dropped."""
     path = Path(path)
     records = read_records(path)
+    # longest first: "Large Model Systems Organization (LMSYS)" before "LMSYS"
     swaps = sorted((replace or {}).items(), key=lambda kv: -len(kv[0]))
-    swaps = [
-        (re.compile(rf"(?<!\w){re.escape(o)}(?!\w)"), fill_identity(n, identity)) for o, n in swaps
-    ]
 
     def rename(text: str) -> str:
-        for pattern, new in swaps:
-            text = pattern.sub(lambda _, new=new: new, text)
+        for old, new in swaps:
+            text = replace_name(text, old, fill_identity(new, identity))
         return text.strip()
 
     rows, seen = [], set()
@@ -704,17 +532,13 @@ def load_identity_conversations(
 
 
 def _pairs(turns: list[Any], where: str) -> list[tuple[str, str]]:
-    pairs = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise UserError(f"{where}: conversations[{i}] needs 'from' and a string 'value'")
-        role = str(turn.get("from", "")).lower()
-        if role not in _HUMAN | _BOT | {"system"}:
-            raise UserError(f"{where}: conversations[{i}]: unknown speaker {turn.get('from')!r}")
-        nxt = turns[i + 1] if i + 1 < len(turns) else None
-        if role in _HUMAN and isinstance(nxt, dict) and str(nxt.get("from", "")).lower() in _BOT:
-            pairs.append((turn["value"], str(nxt.get("value", ""))))
-    return pairs
+    """(user message, the reply right after it) of every exchange of a ShareGPT conversation."""
+    messages = sharegpt_messages(turns, where)
+    return [
+        (m["content"], reply["content"])
+        for m, reply in zip(messages, messages[1:], strict=False)
+        if m["role"] == "user" and reply["role"] == "assistant"
+    ]
 
 
 # ----------------------------------------------------------------------------- shell
@@ -723,14 +547,9 @@ def _pairs(turns: list[Any], where: str) -> list[tuple[str, str]]:
 def load_instructions(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Stage-1 records (id, instruction, input, source), checked; the first `limit` of them."""
     records = read_jsonl(path)
-    seen: set[Any] = set()
+    check_unique_ids(records, path)
     out = []
     for n, r in enumerate(records, start=1):
-        if r.get("id") is None:
-            raise UserError(f"{path}: record {n} has no 'id'")
-        if r["id"] in seen:
-            raise UserError(f"{path}: record {n}: duplicate id {r['id']!r}")
-        seen.add(r["id"])
         if not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
             raise UserError(f"{path}: record {n} (id {r['id']!r}) has no 'instruction' text")
         if not isinstance(r.get("input") or "", str):
@@ -741,33 +560,20 @@ def load_instructions(path: str | Path, limit: int | None = None) -> list[dict[s
     return out[:limit] if limit else out
 
 
-def prompt_shas(c: Constitution, rows: Sequence[dict[str, Any]]) -> list[str]:
-    """A short hash of each row's `render_prompt` text, kept in the raw file so a resumed or
-    finalized run notices completions made from another constitution. The shared prefix is
-    hashed once, so this stays cheap for hundreds of thousands of rows."""
-    prefix = render_prefix(c)
-    base = hashlib.sha256(prefix.encode())
-    out = []
-    for r in rows:
-        rest = render_prompt(c, r["instruction"], r.get("input") or "", prefix=prefix)[
-            len(prefix) :
-        ]
-        h = base.copy()
-        h.update(rest.encode())
-        out.append(h.hexdigest()[:16])
-    return out
+def _prompt_rest(c: Constitution, prefix: str, row: dict[str, Any]) -> str:
+    """The row's `render_prompt` text after `prefix` (= `render_prefix(c)`, the same for all)."""
+    prompt = render_prompt(c, row["instruction"], row.get("input") or "", prefix=prefix)
+    return prompt[len(prefix) :]
 
 
-def prompt_records(c: Constitution, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Generation records: every prompt starts with the same `render_prefix` text, which the
-    backend prefills once; `prompt_sha` stays in the raw file (the prompt itself does not)."""
-    prefix = render_prefix(c)
+def prompt_records(c: Constitution, rows: Sequence[dict[str, Any]], prefix: str) -> list[dict]:
+    """Generation records whose `prompt` is what follows `prefix` (`render_prefix(c)`): the
+    constitution is the same long text for every row, so `generate_records(prefix=...)` adds it,
+    hashes it once into each row's `prompt_sha` and never writes it per row."""
     return [
         {"id": r["id"], "instruction": r["instruction"], "input": r.get("input") or "",
-         "source": r.get("source") or "self_align",
-         "prompt": render_prompt(c, r["instruction"], r.get("input") or "", prefix=prefix),
-         "prompt_sha": sha}
-        for r, sha in zip(rows, prompt_shas(c, rows), strict=True)
+         "source": r.get("source") or "self_align", "prompt": _prompt_rest(c, prefix, r)}
+        for r in rows
     ]  # fmt: skip
 
 
@@ -775,14 +581,13 @@ def _raw_path(out_dir: Path, shard: Shard) -> Path:
     return out_dir / f"{RAW}{shard.tag}.raw.jsonl"
 
 
-def _check_prompts(raw: Iterable[dict], expected: dict[Any, str], where: str) -> None:
-    for r in raw:
-        want = expected.get(r["id"])
-        if want is not None and r.get("prompt_sha") != want:
-            raise UserError(
-                f"{where}: record {r['id']!r} was generated from a different prompt (the "
-                "constitution or instruction changed); use a new output directory or delete it"
-            )
+def _expected_prompts(c: Constitution, rows: Sequence[dict[str, Any]]) -> dict[Any, Shas]:
+    """id -> (prompt_sha, None) for finalizing: no model is loaded then, so the sampling settings
+    (whose apology bias comes from its tokenizer) are not checked, the prompts are (a raw file
+    made under another constitution is refused). The constitution prefix is hashed once."""
+    prefix = render_prefix(c)
+    shas = prompt_shas((_prompt_rest(c, prefix, r) for r in rows), prefix)
+    return {r["id"]: (sha, None) for r, sha in zip(rows, shas, strict=True)}
 
 
 def check_inputs(cfg: SelfAlignConfig, instructions_path: str | Path) -> dict[str, int]:
@@ -810,33 +615,28 @@ def run_self_align(
     Returns the stats of the final files, or `{"finalized": False, "pending": n, ...}` while
     other shards are still missing.
     """
+    check_backend(cfg, backend)
     shard, out_dir = parse_shard(shard), Path(out_dir)
     c = stage_constitution(cfg)
     rows = load_instructions(instructions_path, cfg.max_instructions)
     mine = rows[shard.index :: shard.count]
-    raw_path = _raw_path(out_dir, shard)
-    expected = dict(zip((r["id"] for r in mine), prompt_shas(c, mine), strict=True))
-    done = read_jsonl(raw_path) if raw_path.exists() else []
-    _check_prompts(done, expected, str(raw_path))  # before generating anything more
-    done_ids = {r["id"] for r in done}
-    todo = [r for r in mine if r["id"] not in done_ids]
-    del done
     bias = apology_bias(cfg, backend)
     params = sampling_params(cfg, c, bias)
     leakage = ExemplarLeakage.from_constitution(c, cfg.leak_ngram, cfg.leak_min_distinctive)
 
     def tally(r: dict[str, Any]) -> tuple[int, int]:  # the final filters, for the progress bar
-        question = user_message(r["instruction"], r.get("input") or "")
+        question = user_text(r["instruction"], r.get("input") or "")
         return verdicts(
             [judge(c, cfg, leakage, r["completion"], r["finish_reason"], question).reason]
         )
 
     # in chunks: the backend tokenizes its whole job at once, and the prompts are long
-    for start in range(0, len(todo), cfg.chunk_size):
-        generate_records(
-            backend, prompt_records(c, todo[start : start + cfg.chunk_size]), params, raw_path,
-            seed=cfg.seed, label="self-align", store_prompt=False, tally=tally,
-        )  # fmt: skip
+    prefix = render_prefix(c)
+    generate_records(
+        backend, prompt_records(c, mine, prefix), params, _raw_path(out_dir, shard),
+        seed=cfg.seed, label="self-align", store_prompt=False, tally=tally,
+        prefix=prefix, chunk_size=cfg.chunk_size,
+    )  # fmt: skip
     extra = {"shard": f"{shard.index}/{shard.count}", "apology_bias_tokens": len(bias)}
     stats = _finalize(cfg, instructions_path, out_dir, wait_for_shards=shard.count > 1)
     return {**stats, **extra}
@@ -855,11 +655,11 @@ def _finalize(cfg, instructions_path, out_dir, wait_for_shards: bool) -> dict[st
     out_dir = Path(out_dir)
     c = stage_constitution(cfg)
     rows = load_instructions(instructions_path, cfg.max_instructions)
-    expected = dict(zip((r["id"] for r in rows), prompt_shas(c, rows), strict=True))
+    expected = _expected_prompts(c, rows)
     by_id: dict[Any, dict] = {}
     for path in sorted(out_dir.glob(f"{RAW}*.raw.jsonl")):
         raw = read_jsonl(path)
-        _check_prompts(raw, expected, str(path))
+        check_resume(raw, expected, path)
         for r in raw:
             by_id.setdefault(r["id"], r)
     missing = [r["id"] for r in rows if r["id"] not in by_id]
@@ -874,7 +674,9 @@ def _finalize(cfg, instructions_path, out_dir, wait_for_shards: bool) -> dict[st
     aligned, rejected, counts = filter_completions(c, cfg, raw)
     identity = _identity_data(cfg, c.identity)
     sft = shuffled(aligned + identity, cfg.seed)
-    _check_unique(sft, out_dir / SFT)
+    check_unique_ids(
+        sft, out_dir / SFT, "an instruction and an identity row share it; rename the instruction id"
+    )
     write_jsonl_atomic(out_dir / ALIGNED, aligned)
     write_jsonl_atomic(out_dir / IDENTITY, identity)
     write_jsonl_atomic(out_dir / REJECTED, rejected)
@@ -903,14 +705,3 @@ def shuffled(rows: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     out = sorted(rows, key=lambda r: str(r["id"]))
     random.Random(row_seed(seed, "sft-shuffle")).shuffle(out)
     return out
-
-
-def _check_unique(rows: Sequence[dict[str, Any]], where: Path) -> None:
-    seen: set[Any] = set()
-    for r in rows:
-        if r["id"] in seen:
-            raise UserError(
-                f"{where}: id {r['id']!r} is used by an instruction and an identity row; "
-                "rename the instruction id"
-            )
-        seen.add(r["id"])

@@ -12,11 +12,12 @@ Writes: verbose.raw.jsonl   every completion (resume: ids already there are not 
         rejected.jsonl      every rejected completion with its `reason`
         model/              the final model (same outputs as `selfalign engrave`)
 
-Filters, each with a reason: truncated (cut by the length limit), too_short, repetition,
-echo_prompt (the answer repeats the question), echo_system (it recites the verbose prompt),
-turn_marker (it writes the next turn), exemplar_leakage (it copies a distinctive passage of a
-constitution exemplar into an answer on another topic; stage 2's `ExemplarLeakage`, so an answer
-that merely mentions "the weather" or "a president" is kept).
+An answer that goes on with a made-up next turn ("### User") is cut there (counted in `cuts`).
+Filters, each with a reason, in this order: truncated (cut by the length limit), echo_prompt (the
+answer repeats the question), echo_system (it recites the verbose prompt), repetition, then the
+ones stage 2 applies too (`selfalign.text.filters`): apology, too_short, exemplar_leakage (it
+copies a distinctive passage of a constitution exemplar into an answer on another topic; found
+from the constitution, so an answer that merely mentions "the weather" or "a president" is kept).
 
 Every verbose prompt starts with the same text (the verbose system prompt in the chat template),
 so a backend that detects a shared prefix computes it once per batch.
@@ -24,20 +25,18 @@ so a backend that detects a shared prefix computes it once per batch.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from selfalign.errors import UserError
-from selfalign.generation import Backend, SamplingParams
+from selfalign.generation import Backend, Capabilities, Need, SamplingParams, require
 from selfalign.generation.records import generate_records, verdicts
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
-from selfalign.stages.stage2_self_align import ExemplarLeakage
-from selfalign.stages.stage3_engrave import TrainConfig, run_engrave
+from selfalign.stages.stage3_engrave import run_engrave
 from selfalign.text.constitution import Constitution, Identity
 from selfalign.text.conversation import (
     ASSISTANT_HEADER,
@@ -48,6 +47,18 @@ from selfalign.text.conversation import (
     render_prompt,
     user_text,
 )
+from selfalign.text.filters import (
+    ExemplarLeakage,
+    Rejection,
+    answer_rejection,
+    cut_at_turn_header,
+    find_repetition,
+    ngrams,
+    normalise,
+    turn_header_pattern,
+    words,
+)
+from selfalign.training.sft import FinalTrainConfig
 
 VERBOSE_PROMPT = (
     "You are {name}, an AI assistant developed by {developer}, now answering in extensive mode. "
@@ -82,10 +93,6 @@ def _verbose_sampling() -> SamplingParams:
         ngram_penalties={3: 1.0, 4: 2.0},
         stop=list(TURN_STOPS),
     )
-
-
-def _final_training() -> TrainConfig:
-    return TrainConfig(max_length=768)
 
 
 class VerboseConfig(BaseModel):
@@ -126,18 +133,10 @@ class VerboseConfig(BaseModel):
         description="Words in a row copied from an exemplar (with a word distinctive of it that the "
         "question lacks) that count as leakage.",
     )
-    train: TrainConfig = Field(
-        default_factory=_final_training,
+    train: FinalTrainConfig = Field(
+        default_factory=FinalTrainConfig,
         description="The final SFT of the base model (paper: same recipe, cut-off 768).",
     )
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _final_defaults(cls, value: Any) -> Any:
-        # keys given in YAML change the final-model defaults (cut-off 768), not the stage-3 ones
-        if isinstance(value, dict):
-            return {"max_length": 768, **value}
-        return value
 
 
 # -- pure core: prompts and filters --------------------------------------------------------------
@@ -154,8 +153,7 @@ def instruction_rows(
         for n, row in enumerate(group, start=1):
             if row.get("id") is None or not isinstance(row.get("instruction"), str):
                 raise UserError(f"{source} record {n}: needs 'id' and a string 'instruction'")
-            text = user_text(row["instruction"], row.get("input") or "")
-            key = _normalise(text)
+            key = normalise(user_text(row["instruction"], row.get("input") or ""))
             if not key or key in seen:
                 continue
             seen.add(key)
@@ -187,67 +185,46 @@ def add_prompts(
     ]
 
 
-def _normalise(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
+# The chat template's turn headers: an answer that goes on with one is cut there, as the stop
+# strings (TURN_STOPS) cut it while generating.
+TURN_HEADERS = turn_header_pattern(header.strip() for header in (USER_HEADER, ASSISTANT_HEADER))
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+class AnswerFilters:
+    """Stage 4's filters, built once per run from the config and THE constitution (the one
+    stage 2 used, with the released identity), so every caller filters alike."""
 
+    def __init__(self, cfg: VerboseConfig, constitution: Constitution):
+        self.cfg = cfg
+        system = verbose_system_prompt(constitution.identity, cfg.verbose_prompt)
+        self.system_grams = set(ngrams(words(system), cfg.echo_ngram))
+        self.leakage = ExemplarLeakage.from_constitution(constitution, n=cfg.leak_ngram)
 
-def _ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    def check(self, row: dict[str, Any]) -> tuple[str, bool, Rejection | None]:
+        """(the answer, whether it was cut at a made-up next turn, why it is rejected or None)."""
+        answer, cut = cut_at_turn_header(row["completion"], TURN_HEADERS)
+        return answer, cut, self._rejection(row, answer)
 
+    def reason(self, row: dict[str, Any]) -> str | None:
+        rejection = self.check(row)[2]
+        return rejection.reason if rejection else None
 
-def leakage_detector(
-    cfg: VerboseConfig,
-    constitution: Constitution | None = None,
-    exemplar_texts: Iterable[str] = (),
-) -> ExemplarLeakage | None:
-    """Stage 2's exemplar-leakage check for verbose answers: built from the constitution (best:
-    it knows each exemplar's topic), else from bare exemplar texts (one group), else none."""
-    if constitution is not None and constitution.exemplars:
-        return ExemplarLeakage.from_constitution(constitution, n=cfg.leak_ngram)
-    texts = [t for t in exemplar_texts if t.strip()]
-    return ExemplarLeakage([texts], n=cfg.leak_ngram) if texts else None
-
-
-def is_repetitive(text: str, n: int, max_repeats: int) -> bool:
-    """A phrase of `n` words occurring more than `max_repeats` times, or a repeated sentence."""
-    words = _words(text)
-    counts = Counter(_ngrams(words, n))
-    if counts and max(counts.values()) > max_repeats:
-        return True
-    sentences = [_normalise(s) for s in re.split(r"(?<=[.!?])\s+|\n+", text)]
-    long_sentences = [s for s in sentences if len(s.split()) >= n]
-    return len(long_sentences) != len(set(long_sentences))
-
-
-def filter_answer(
-    row: dict[str, Any],
-    cfg: VerboseConfig,
-    system_grams: set[tuple[str, ...]],
-    leakage: ExemplarLeakage | None = None,
-) -> str | None:
-    """Why a generated answer is rejected, or None to keep it."""
-    if row.get("finish_reason") == "length":
-        return "truncated"
-    answer = row["completion"].strip()
-    if any(marker.strip() in answer for marker in (USER_HEADER, ASSISTANT_HEADER)):
-        return "turn_marker"
-    words = _words(answer)
-    if len(words) < max(cfg.min_words, 1):
-        return "too_short"
-    question = _words(user_text(row["instruction"], row["input"]))
-    if len(question) >= 4 and words[: len(question)] == question:
-        return "echo_prompt"
-    if system_grams.intersection(_ngrams(words, cfg.echo_ngram)):
-        return "echo_system"
-    if is_repetitive(answer, cfg.repeat_ngram, cfg.max_repeats):
-        return "repetition"
-    if leakage is not None and leakage.find(answer, user_text(row["instruction"], row["input"])):
-        return "exemplar_leakage"
-    return None
+    def _rejection(self, row: dict[str, Any], answer: str) -> Rejection | None:
+        cfg = self.cfg
+        if row.get("finish_reason") == "length":
+            return Rejection("truncated")
+        question = user_text(row["instruction"], row["input"])
+        asked, said = words(question), words(answer)
+        if len(asked) >= 4 and said[: len(asked)] == asked:
+            return Rejection("echo_prompt")
+        if self.system_grams.intersection(ngrams(said, cfg.echo_ngram)):
+            return Rejection("echo_system")
+        repeats = find_repetition(
+            answer, cfg.repeat_ngram, ngram=cfg.repeat_ngram, max_repeats=cfg.max_repeats
+        )
+        if repeats is not None:
+            return Rejection("repetition")
+        return answer_rejection(answer, question, cfg.min_words, self.leakage)
 
 
 REJECTED_FIELDS = (
@@ -261,44 +238,56 @@ REJECTED_FIELDS = (
 )
 
 
-def _system_grams(cfg: VerboseConfig, identity: Identity) -> set[tuple[str, ...]]:
-    system = verbose_system_prompt(identity, cfg.verbose_prompt)
-    return set(_ngrams(_words(system), cfg.echo_ngram))
-
-
 def filter_answers(
-    generated: list[dict[str, Any]],
-    cfg: VerboseConfig,
-    identity: Identity,
-    leakage: ExemplarLeakage | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split generated rows into kept SFT rows and rejected rows (with `reason`; a leak also
-    with the copied phrase as `detail`)."""
-    system_grams = _system_grams(cfg, identity)
+    generated: list[dict[str, Any]], filters: AnswerFilters
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Split generated rows into kept SFT rows and rejected rows (with `reason` and `detail`, e.g.
+    the copied phrase of a leak); counts as `run_verbose` returns them."""
     kept, rejected = [], []
+    cuts: Counter[str] = Counter()
     for row in generated:
-        reason = filter_answer(row, cfg, system_grams, leakage)
-        if reason:
-            record = {key: row[key] for key in REJECTED_FIELDS} | {"reason": reason}
-            if reason == "exemplar_leakage":
-                question = user_text(row["instruction"], row["input"])
-                record["detail"] = leakage.find(row["completion"], question)
-            rejected.append(record)
+        answer, cut, rejection = filters.check(row)
+        if rejection:
+            rejected.append(
+                {key: row[key] for key in REJECTED_FIELDS}
+                | {"reason": rejection.reason, "detail": rejection.detail}
+            )
             continue
+        cuts["turn_marker"] += cut
         kept.append(
             {
                 "id": row["id"],
                 "instruction": row["instruction"],
                 "input": row["input"],
-                "output": row["completion"].strip(),
+                "output": answer,
                 "source": row["source"],
                 "source_id": row["source_id"],
             }
         )
-    return kept, rejected
+    counts = {
+        "generated": len(generated),
+        "parsed": len(generated),
+        "kept": len(kept),
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "cuts": {k: v for k, v in cuts.items() if v},
+    }
+    return kept, rejected, counts
 
 
 # -- shell ---------------------------------------------------------------------------------------
+
+
+def _questions(
+    cfg: VerboseConfig, aligned_path: str | Path, identity_path: str | Path | None
+) -> list[dict[str, Any]]:
+    aligned = read_jsonl(aligned_path)
+    if not aligned:
+        raise UserError(f"{aligned_path}: no instructions to answer (the file is empty)")
+    if identity_path is None and (Path(aligned_path).parent / "identity.jsonl").is_file():
+        identity_path = Path(aligned_path).parent / "identity.jsonl"
+    identity_rows = read_jsonl(identity_path) if identity_path and cfg.include_identity else []
+    return instruction_rows(aligned, identity_rows, cfg)
 
 
 def run_verbose(
@@ -306,37 +295,25 @@ def run_verbose(
     backend: Backend,
     aligned_path: str | Path,
     out_dir: str | Path,
-    identity: Identity,
+    constitution: Constitution,
     identity_path: str | Path | None = None,
-    exemplar_texts: Iterable[str] = (),
     tokenizer=None,
-    constitution: Constitution | None = None,
 ) -> dict[str, Any]:
     """Generate verbose answers with the engraved model behind `backend`, filter, write; counts.
 
+    `constitution` is the one stage 2 used, carrying the released identity: the identity names
+    the assistant in the verbose prompt, the exemplars drive the leakage filter. `selfalign run`
+    and `selfalign verbose-clone` both pass it, so they keep the same answers.
     `identity_path` defaults to `identity.jsonl` next to `aligned_path` when it exists.
     `tokenizer` (with the engraved model's chat template) defaults to `backend.tokenizer`.
-    `constitution` (the one stage 2 used) drives the exemplar-leakage filter; bare
-    `exemplar_texts` are the fallback when there is no constitution object.
-    Returns {generated, parsed, kept, rejected, rejected_by_reason}.
+    Returns {generated, parsed, kept, rejected, rejected_by_reason, cuts}.
     """
+    check_backend(cfg, backend, tokenizer_given=tokenizer is not None)
     out_dir = Path(out_dir)
-    aligned = read_jsonl(aligned_path)
-    if not aligned:
-        raise UserError(f"{aligned_path}: no instructions to answer (the file is empty)")
-    if identity_path is None and (Path(aligned_path).parent / "identity.jsonl").is_file():
-        identity_path = Path(aligned_path).parent / "identity.jsonl"
-    identity_rows = read_jsonl(identity_path) if identity_path and cfg.include_identity else []
-    tokenizer = tokenizer if tokenizer is not None else getattr(backend, "tokenizer", None)
-    if tokenizer is None:
-        raise UserError(
-            "verbose cloning needs the engraved model's tokenizer (for its chat template)"
-        )
-
-    questions = instruction_rows(aligned, identity_rows, cfg)
-    rows = add_prompts(questions, tokenizer, identity, cfg.verbose_prompt)
-    leakage = leakage_detector(cfg, constitution, exemplar_texts)
-    system_grams = _system_grams(cfg, identity)
+    questions = _questions(cfg, aligned_path, identity_path)
+    tokenizer = tokenizer if tokenizer is not None else backend.tokenizer
+    rows = add_prompts(questions, tokenizer, constitution.identity, cfg.verbose_prompt)
+    filters = AnswerFilters(cfg, constitution)
     generated = generate_records(
         backend,
         rows,
@@ -344,19 +321,12 @@ def run_verbose(
         out_dir / "verbose.raw.jsonl",
         cfg.seed,
         label="verbose answers",
-        tally=lambda row: verdicts([filter_answer(row, cfg, system_grams, leakage)]),
+        tally=lambda row: verdicts([filters.reason(row)]),
     )
-    kept, rejected = filter_answers(generated, cfg, identity, leakage)
+    kept, rejected, counts = filter_answers(generated, filters)
     write_jsonl_atomic(out_dir / "verbose.jsonl", kept)
     write_jsonl_atomic(out_dir / "rejected.jsonl", rejected)
-    by_reason = Counter(r["reason"] for r in rejected)
-    return {
-        "generated": len(generated),
-        "parsed": len(generated),
-        "kept": len(kept),
-        "rejected": len(rejected),
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-    }
+    return counts
 
 
 def run_final_sft(
@@ -389,22 +359,18 @@ def run_final_sft(
     )  # fmt: skip
 
 
-def training_stats(model_dir: str | Path) -> dict[str, Any]:
-    """`train_stats.json` of a selfalign-trained model directory (or of its adapter's parent)."""
-    import json
-
-    for folder in (Path(model_dir), Path(model_dir).parent):
-        if (folder / "train_stats.json").is_file():
-            return json.loads((folder / "train_stats.json").read_text())
-    return {}
-
-
-def base_of(model_dir: str | Path) -> str | None:
-    """The base model a selfalign-trained model directory was fine-tuned from, if it says."""
-    return training_stats(model_dir).get("base_model")
-
-
-def identity_of(model_dir: str | Path) -> Identity | None:
-    """The identity a selfalign-trained model directory was trained with, if it says."""
-    data = training_stats(model_dir).get("identity")
-    return Identity(**data) if data else None
+def check_backend(
+    cfg: VerboseConfig,
+    backend: Backend | Capabilities,
+    section: str = "verbose",
+    tokenizer_given: bool = False,
+) -> None:
+    """Refuse, in one line and before any work, a backend that cannot run stage 4 as configured:
+    the verbose prompts are written in the engraved model's chat template (unless the caller
+    brings the tokenizer), and the sampling (by default n-gram penalties of orders 3 and 4) must
+    be within the backend's controls. `section` is the config key of this stage ("" in a
+    stage-4 file); `backend` is a loaded backend or `capabilities(cfg.model)`."""
+    what = "the engraved model's tokenizer (for its chat template)"
+    needs = [] if tokenizer_given else [Need("verbose cloning", what=what)]
+    sampling = ".".join(filter(None, [section, "sampling"]))
+    require(backend, cfg.sampling, "stage 'verbose'", sampling, needs)

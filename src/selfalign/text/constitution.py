@@ -198,6 +198,10 @@ class Constitution(BaseModel):
         """The filled-in label of a turn kind: user, thoughts, answer, auto_reply."""
         return self.fill(getattr(self.format, kind))
 
+    def turn_labels(self) -> list[str]:
+        """Every label that opens a turn in the prompt ('User', 'Orion (internal thoughts)', ...)."""
+        return [self.label(kind) for kind in TurnFormat.model_fields]
+
     def principle(self, pid: int) -> Principle | None:
         return next((p for p in self.principles if p.id == pid), None)
 
@@ -255,8 +259,9 @@ def render_thoughts(c: Constitution, turn: Turn) -> str:
     return " ".join(p for p in parts if p)
 
 
-def user_message(instruction: str, input: str = "") -> str:
-    """The user's turn: the instruction, then its input (if any) after a blank line."""
+def user_text(instruction: str, input: str = "") -> str:
+    """THE user's turn, in every prompt and training row: the instruction, then its input (if
+    any) after a blank line."""
     instruction, input = instruction.strip(), (input or "").strip()
     return f"{instruction}\n\n{input}" if input else instruction
 
@@ -301,7 +306,7 @@ def render_prompt(
     `prefix` is `render_prefix(c)` computed once by a caller rendering many prompts.
     """
     prefix = render_prefix(c) if prefix is None else prefix
-    return f"{prefix} {user_message(instruction, input)}\n\n{thoughts_cue(c)}"
+    return f"{prefix} {user_text(instruction, input)}\n\n{thoughts_cue(c)}"
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -342,10 +347,6 @@ def load_constitution(path_or_name: str | Path) -> Constitution:
         return parse_raw_prompt(path.read_text(encoding="utf-8"), str(path))
     data = read_yaml(path)
     return check_constitution(validate(Constitution, data, str(path)), str(path))
-
-
-def constitution_from_dict(data: dict[str, Any], source: str = "constitution") -> Constitution:
-    return check_constitution(validate(Constitution, data, source), source)
 
 
 def dump_constitution(c: Constitution) -> str:

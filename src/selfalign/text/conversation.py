@@ -43,7 +43,7 @@ from typing import Any
 
 from selfalign.errors import UserError
 from selfalign.generation import row_seed
-from selfalign.text.constitution import Identity, fill_identity
+from selfalign.text.constitution import Identity, fill_identity, user_text
 
 USER_HEADER = "\n\n### User\n"
 ASSISTANT_HEADER = "\n\n### Assistant\n"
@@ -162,15 +162,6 @@ def install_chat_template(tokenizer, identity: Identity, default_system: str | N
     tokenizer.chat_template = chat_template(identity, default_system)
 
 
-def user_text(instruction: str, input_text: str = "") -> str:
-    """The user's message: the instruction, then its input (if any) after a blank line."""
-    instruction, input_text = instruction.strip(), (input_text or "").strip()
-    return f"{instruction}\n\n{input_text}" if input_text else instruction
-
-
-SFT_FIELDS = ("id", "instruction", "output")
-
-
 def check_sft_row(row: dict[str, Any], where: str) -> None:
     """A row has an id and `messages`, ShareGPT `conversations`, or a non-empty instruction and
     output."""
@@ -208,12 +199,19 @@ def _check_messages(messages: Any, where: str) -> None:
         raise UserError(f"{where}: 'messages' has no assistant turn to train on")
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}  # fmt: skip
+# THE ShareGPT speaker table (`from` -> chat role), for every reader of ShareGPT data: the
+# spellings found in ShareGPT, FastChat and their exports, matched without regard to case.
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}  # fmt: skip
 
 
 def sharegpt_messages(conversations: Any, where: str = "record") -> list[dict[str, str]]:
-    """ShareGPT turns (`{from: human|gpt|system, value}`) as chat messages."""
+    """ShareGPT turns (`{from, value}`, `from` a key of SHAREGPT_ROLES) as chat messages; a bad
+    turn is a UserError naming `where` (file and record) and the turn."""
     if not isinstance(conversations, list) or not conversations:
         raise UserError(
             f"{where}: field 'conversations' must be a non-empty list of {{from, value}}"
@@ -225,7 +223,8 @@ def sharegpt_messages(conversations: Any, where: str = "record") -> list[dict[st
         role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
             raise UserError(
-                f"{where}: conversations[{n}] is from {turn.get('from')!r}; use human, gpt or system"
+                f"{where}: conversations[{n}] is from {turn.get('from')!r}; use one of "
+                f"{', '.join(SHAREGPT_ROLES)}"
             )
         messages.append({"role": role, "content": turn["value"]})
     return messages

@@ -1,0 +1,619 @@
+"""The supervised fine-tuning recipe of stages 3 and 4 (paper sections 3.3 and 3.4) on TRL + PEFT.
+
+Reads the checked SFT rows a stage hands over and a base model (local directory or hub id).
+Writes the model files into `out_dir` (the metadata files are `selfalign.training.model_dir`'s):
+
+    adapter/                         the LoRA adapter alone (+ tokenizer); the full model for `full`
+    config.json, model.safetensors   the merged model (LoRA folded into the base)
+    tokenizer files, chat_template.jinja, generation_config.json (EOS and padding set)
+    training_log.jsonl               step, loss, learning_rate, tokens_per_second, epoch
+    checkpoints/                     while training, with selfalign_fingerprint.txt (resume)
+
+`train` runs the steps top to bottom, each a function below it:
+  1. data      each row -> a conversation with a seeded system prompt; the cut-off applied, counted
+  2. schedule  gradient accumulation, steps and warm-up from the effective batch size
+  3. model     the base (4-bit for qlora), seeded before the LoRA weights are drawn
+  4. train     TRL's SFTTrainer, loss on the assistant tokens only (EOS included, so the model
+               learns to stop); resumes from the last checkpoint of the same fingerprint
+  5. save      adapter or full model, tokenizer and template, merge, generation config
+
+Paper defaults: LoRA r=16, alpha=16 on q,k,v,o; learning rate 4e-4; effective batch 768; one
+epoch; 100 warm-up steps; cut-off 512 tokens (768 for the final model of stage 4).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfalign.errors import UserError
+from selfalign.jsonl import JsonlAppender, write_text_atomic
+from selfalign.text.constitution import Identity
+from selfalign.text.conversation import (
+    check_variants,
+    install_chat_template,
+    sft_messages,
+    system_prompt,
+)
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FINGERPRINT_FILE = "selfalign_fingerprint.txt"
+
+
+class TrainConfig(BaseModel):
+    """One supervised fine-tuning run (stage 3, and stage 4's final model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description="Base model to fine-tune: local directory or hub id."
+    )
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora",
+        description="lora (paper), qlora (4-bit base; CUDA + bitsandbytes), or full fine-tune.",
+    )
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        description="Module names that get LoRA adapters.",
+    )
+    learning_rate: float = Field(4e-4, gt=0, description="Peak learning rate.")
+    effective_batch_size: int = Field(
+        768, ge=1, description="Examples per optimizer step: micro batch x accumulation x devices."
+    )
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass on one device.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data.")
+    max_steps: int = Field(
+        -1, description="If > 0, stop after this many optimizer steps (overrides epochs)."
+    )
+    warmup_steps: int = Field(
+        100,
+        ge=0,
+        description="Linear warm-up steps; clamped to a tenth of the run when the run is shorter.",
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_length: int = Field(
+        512, ge=8, description="Cut-off: tokens per example (system prompt included)."
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Examples over the cut-off: truncate (paper; counted and reported) or drop them.",
+    )
+    system_prompts: list[str] = Field(
+        default_factory=lambda: ["standard", "concise"],
+        description="System prompts, one sampled per example (seeded by id): variant names "
+        "(standard, concise), prompt files (.txt/.md) or texts; the first is the chat template's "
+        "default.",
+    )
+    seed: int = Field(
+        42, description="Seeds data order, dropout, LoRA init and system prompt choice."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 (or fp16) on CUDA, fp32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA if present, else CPU."
+    )
+    gradient_checkpointing: bool = Field(True, description="Trade compute for memory.")
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length (less padding)."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log loss every N optimizer steps.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk while training.")
+    resume: bool = Field(
+        True, description="Continue from the last checkpoint in out_dir/checkpoints."
+    )
+    keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after a successful run.")
+    merge: bool = Field(True, description="Write the LoRA-merged model next to the adapter.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint."
+    )
+
+
+class FinalTrainConfig(TrainConfig):
+    """Stage 4's final SFT: the same recipe with the paper's longer cut-off for verbose answers.
+
+    A subclass rather than a default instance, so a partial `train:` section in YAML keeps 768.
+    """
+
+    max_length: int = Field(
+        768, ge=8, description="Cut-off: tokens per example (system prompt included)."
+    )
+
+
+# -- before training: what the run is ------------------------------------------------------------
+
+
+def check_config(cfg: TrainConfig) -> str:
+    """The base model to load (a local directory made absolute), after the checks that need no
+    loading: a model is given, it is no adapter, qlora has CUDA and bitsandbytes."""
+    from selfalign.modeling import adapter_base
+
+    if not cfg.model:
+        raise UserError(
+            "no base model given: pass --model PATH_OR_HUB_ID (or model: in the config)"
+        )
+    check_variants(cfg.system_prompts)
+    if cfg.method == "qlora":
+        import torch
+
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            raise UserError("method qlora needs a CUDA GPU (none here); use method lora or full")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
+    local = Path(cfg.model).expanduser()
+    # absolute, so the adapter's base path still resolves from any working directory
+    name = str(local.resolve()) if local.exists() else cfg.model
+    if adapter_base(name):
+        raise UserError(f"model {name!r} is a LoRA adapter; fine-tune a full (merged) model")
+    return name
+
+
+def fingerprint(cfg: TrainConfig, identity: Identity, sft_path: str | Path) -> str:
+    """What a finished or checkpointed run was made from: config, identity, data bytes."""
+    digest = hashlib.sha256()
+    settings = cfg.model_dump(
+        exclude={"resume", "keep_checkpoints", "logging_steps", "save_total_limit"}
+    )
+    systems = [system_prompt(identity, v) for v in cfg.system_prompts]  # prompt files' contents
+    digest.update(json.dumps([settings, identity.model_dump(), systems], sort_keys=True).encode())
+    try:
+        digest.update(Path(sft_path).read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{sft_path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{sft_path}: is a directory, expected a JSONL file") from None
+    return digest.hexdigest()[:16]
+
+
+def main_process() -> bool:
+    """False on the other ranks of a multi-GPU run: only rank 0 merges and writes metadata."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world == 1 or int(os.environ.get("RANK", "0")) == 0
+
+
+# -- the recipe ----------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    model_name: str,
+    rows: list[dict[str, Any]],
+    out_dir: Path,
+    identity: Identity,
+    run_fingerprint: str,
+    callbacks: list | None = None,
+    source: str | Path = "",
+) -> dict[str, Any]:
+    """Fine-tune `model_name` (from `check_config`) on `rows` into `out_dir`; return the stats.
+
+    `run_fingerprint` (from `fingerprint`) guards checkpoint resume; `callbacks` are extra
+    TrainerCallbacks; `source` names the data in warnings.
+    """
+    from transformers import set_seed
+
+    from selfalign.modeling import load_tokenizer
+
+    # 1. Data, rendered with the chat template the saved tokenizer will carry.
+    tokenizer = load_tokenizer(model_name, cfg.trust_remote_code)
+    install_chat_template(tokenizer, identity, system_prompt(identity, cfg.system_prompts[0]))
+    conversations, counts = prepare_data(cfg, rows, tokenizer, identity, source)
+
+    # 2. Schedule.
+    plan = schedule(cfg, len(conversations))
+
+    # 3. Model (+ LoRA adapter), seeded before the adapter weights are drawn.
+    set_seed(cfg.seed)
+    device, precision = _device_and_precision(cfg)
+    model = _load_for_training(cfg, model_name, device, precision)
+
+    # 4. Train, from the last checkpoint of the same run if there is one.
+    checkpoints = out_dir / "checkpoints"
+    trainer = _trainer(cfg, model, tokenizer, conversations, out_dir, plan, device, precision,
+                       callbacks)  # fmt: skip
+    resume_from = _last_checkpoint(checkpoints, run_fingerprint) if cfg.resume else None
+    _write_fingerprint(checkpoints, run_fingerprint)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    stats = {
+        "base_model": model_name,
+        "method": cfg.method,
+        **counts,
+        "steps": trainer.state.global_step,
+        "warmup_steps": plan.warmup,
+        "micro_batch_size": cfg.micro_batch_size,
+        "gradient_accumulation": plan.accumulation,
+        "world_size": plan.world,
+        "effective_batch_size": cfg.micro_batch_size * plan.world * plan.accumulation,
+        "precision": precision,
+        "train_loss": round(float(result.training_loss), 6),
+        "resumed_from_step": _step_of(resume_from),
+    }
+
+    # 5. Save: every process (FSDP/DeepSpeed gather weights), then merge on the main one.
+    _save_outputs(trainer, cfg, out_dir)
+    del trainer, model
+    _free_memory()
+    if main_process():
+        if cfg.method != "full" and cfg.merge:
+            _merge(model_name, out_dir / "adapter", out_dir, cfg.trust_remote_code)
+        _write_generation_config(out_dir, tokenizer)
+    return stats
+
+
+# -- 1. data -------------------------------------------------------------------------------------
+
+
+def prepare_data(
+    cfg: TrainConfig, rows: list[dict[str, Any]], tokenizer, identity: Identity, source
+) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
+    """The conversations to train on (a system prompt sampled per row, seeded by its id) and the
+    cut-off counts; a UserError when the cut-off leaves nothing to learn."""
+    budget = prompt_budget(tokenizer, identity, cfg.system_prompts)
+    if budget >= cfg.max_length:
+        raise UserError(
+            f"max_length {cfg.max_length} is shorter than the system prompt and turn headers "
+            f"({budget} tokens); raise max_length"
+        )
+    conversations = [sft_messages(r, identity, cfg.system_prompts, cfg.seed) for r in rows]
+    conversations, counts = fit_examples(conversations, tokenizer, cfg.max_length, cfg.overlong)
+    _report_cutoff(counts, cfg, source)
+    if not conversations:
+        raise UserError(f"{source}: no example fits max_length {cfg.max_length}; raise it")
+    return conversations, counts
+
+
+def prompt_budget(tokenizer, identity: Identity, variants: list[str]) -> int:
+    """Tokens the longest system prompt variant and the turn headers take before any text."""
+    longest = 0
+    for variant in variants:
+        messages = [
+            {"role": "system", "content": system_prompt(identity, variant)},
+            {"role": "user", "content": ""},
+        ]
+        longest = max(longest, len(_tokens(tokenizer, messages, add_generation_prompt=True)))
+    return longest
+
+
+def _tokens(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def fit_examples(
+    conversations: list[list[dict[str, str]]], tokenizer, max_length: int, overlong: str
+) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
+    """Apply the cut-off: count (and truncate or drop) examples over it; never silently.
+
+    An example whose prompt alone fills the cut-off has no answer token left to learn from and is
+    always dropped (TRL would drop it without telling).
+    """
+    counts = {"examples": len(conversations), "truncated": 0, "dropped_overlong": 0,
+              "dropped_prompt_too_long": 0, "tokens": 0}  # fmt: skip
+    kept = []
+    for messages in conversations:
+        first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = len(_tokens(tokenizer, messages[:first_answer], add_generation_prompt=True))
+        total = len(_tokens(tokenizer, messages))
+        if prompt >= max_length:
+            counts["dropped_prompt_too_long"] += 1
+            continue
+        if total > max_length:
+            if overlong == "drop":
+                counts["dropped_overlong"] += 1
+                continue
+            counts["truncated"] += 1
+        counts["tokens"] += min(total, max_length)
+        kept.append(messages)
+    counts["trained"] = len(kept)
+    return kept, counts
+
+
+def _report_cutoff(counts: dict[str, int], cfg: TrainConfig, source) -> None:
+    if counts["truncated"]:
+        log.warning(
+            "%s: %d of %d examples exceed the cut-off of %d tokens and are truncated "
+            "(their answers lose their ends); set overlong: drop to skip them instead",
+            source, counts["truncated"], counts["examples"], cfg.max_length,
+        )  # fmt: skip
+    for key in ("dropped_overlong", "dropped_prompt_too_long"):
+        if counts[key]:
+            log.warning("%s: %d examples dropped (%s)", source, counts[key], key)
+
+
+# -- 2. schedule ---------------------------------------------------------------------------------
+
+
+class Schedule(NamedTuple):
+    world: int  # processes (devices) training together
+    accumulation: int  # micro batches per optimizer step
+    steps: int  # optimizer steps of the whole run
+    warmup: int  # warm-up steps
+
+
+def schedule(cfg: TrainConfig, examples: int) -> Schedule:
+    """Accumulation that reaches the effective batch (never more than one pass of micro batches),
+    the steps, and a warm-up cut to a tenth of runs too short for the configured one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.micro_batch_size * world
+    micro_batches = math.ceil(examples / per_step)
+    accumulation = max(1, min(math.ceil(cfg.effective_batch_size / per_step), micro_batches))
+    steps = (
+        cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * micro_batches / accumulation)
+    )
+    warmup = cfg.warmup_steps if cfg.warmup_steps <= steps // 2 else steps // 10
+    return Schedule(world, accumulation, steps, warmup)
+
+
+# -- 3. model ------------------------------------------------------------------------------------
+
+
+def _device_and_precision(cfg: TrainConfig) -> tuple[str, str]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UserError("device cuda: CUDA is not available on this machine (use cpu or auto)")
+    device = "cuda" if cuda and cfg.device != "cpu" else "cpu"
+    precision = cfg.precision
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise UserError("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("precision bf16: this GPU does not support bfloat16; use fp16")
+    return device, precision
+
+
+def _load_for_training(cfg: TrainConfig, model_name: str, device: str, precision: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=half or torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    elif cfg.method == "lora" and half is not None:
+        kwargs["dtype"] = half  # the frozen base in half precision; adapters train in fp32
+    else:
+        kwargs["dtype"] = torch.float32  # full fine-tune keeps fp32 master weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"model {model_name!r}: cannot load it ({str(e).splitlines()[0]})"
+        ) from None
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing)
+    return model
+
+
+def _lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+# -- 4. train ------------------------------------------------------------------------------------
+
+
+def _trainer(cfg, model, tokenizer, conversations, out_dir: Path, plan: Schedule, device,
+             precision, callbacks):  # fmt: skip
+    """TRL's SFTTrainer on conversational data: the chat template's {% generation %} spans mark
+    the assistant tokens the loss covers."""
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    from selfalign.progress import enabled
+
+    if not enabled():  # quiet mode: no bars for SFTTrainer's tokenization either
+        import datasets
+
+        datasets.disable_progress_bars()
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_args(cfg, out_dir / "checkpoints", plan, device, precision),
+        train_dataset=Dataset.from_list([{"messages": m} for m in conversations]),
+        processing_class=tokenizer,
+        peft_config=_lora_config(cfg) if cfg.method in ("lora", "qlora") else None,
+        callbacks=[_jsonl_log(out_dir / "training_log.jsonl"), *(callbacks or [])],
+    )
+    if not enabled():  # quiet mode: the JSONL log has every step; no dicts on stdout
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, device: str, precision: str):
+    from trl import SFTConfig
+
+    from selfalign.progress import enabled
+
+    return SFTConfig(
+        output_dir=str(checkpoints),
+        max_length=cfg.max_length,
+        truncation_mode="keep_start",
+        assistant_only_loss=True,
+        packing=False,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=plan.accumulation,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=plan.warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        # the first step and, in short runs, the last one are always in the training log
+        logging_first_step=True,
+        logging_steps=max(1, min(cfg.logging_steps, plan.steps)),
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=not enabled(),
+        dataloader_num_workers=0,
+    )
+
+
+def _jsonl_log(path: Path):
+    """A callback appending {step, loss, learning_rate, tokens_per_second} per log (resume-safe:
+    a step already in the file is not written twice)."""
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        clock, tokens = 0.0, 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.clock, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            rate = (tokens - self.tokens) / max(now - self.clock, 1e-9)
+            self.clock, self.tokens = now, tokens
+            record = {
+                "step": state.global_step,
+                "loss": float(logs["loss"]),
+                "learning_rate": float(logs.get("learning_rate", 0.0)),
+                "tokens_per_second": round(rate, 1),
+                "epoch": round(float(state.epoch or 0), 4),
+            }
+            with JsonlAppender(path, id_field="step") as out:
+                out.write_batch([record])
+
+    return JsonlLog()
+
+
+def _last_checkpoint(checkpoints: Path, run_fingerprint: str) -> str | None:
+    """The checkpoint to resume from; a UserError when the checkpoints are another run's."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not checkpoints.is_dir():
+        return None
+    last = get_last_checkpoint(str(checkpoints))
+    if last is None:
+        return None
+    saved = checkpoints / FINGERPRINT_FILE
+    if saved.is_file() and saved.read_text().strip() != run_fingerprint:
+        raise UserError(
+            f"{checkpoints} holds checkpoints of a run with other settings or data; "
+            "delete that folder or set resume: false"
+        )
+    log.warning("resuming from %s", last)
+    return last
+
+
+def _write_fingerprint(checkpoints: Path, run_fingerprint: str) -> None:
+    write_text_atomic(checkpoints / FINGERPRINT_FILE, run_fingerprint + "\n")
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+# -- 5. save -------------------------------------------------------------------------------------
+
+
+def _save_outputs(trainer, cfg: TrainConfig, out_dir: Path) -> None:
+    """The adapter (LoRA) or the full model, each with the tokenizer and its chat template.
+
+    Called on every process: under FSDP/DeepSpeed saving gathers weights from all of them.
+    """
+    target = out_dir if cfg.method == "full" else out_dir / "adapter"
+    trainer.save_model(str(target))
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(out_dir))
+        (target / "training_args.bin").unlink(
+            missing_ok=True
+        )  # a pickle; the YAML config says it all
+
+
+def _merge(model_name: str, adapter_dir: Path, out_dir: Path, trust_remote_code: bool) -> None:
+    """Fold the adapter into a fresh copy of the base (its own dtype, on CPU) and save it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        model_name, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    del base, merged
+    gc.collect()
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _write_generation_config(out_dir: Path, tokenizer) -> None:
+    """EOS, padding and BOS of the tokenizer in generation_config.json, so `generate` and vLLM
+    stop where training taught the model to (only where a full model was written)."""
+    from transformers import GenerationConfig
+
+    if not (out_dir / "config.json").is_file():
+        return
+    try:
+        gen = GenerationConfig.from_pretrained(str(out_dir))
+    except OSError:
+        gen = GenerationConfig()
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    gen.save_pretrained(str(out_dir))
