@@ -28,3 +28,12 @@ def tiny_backend(tiny_model_dir):
     return TransformersBackend.load(
         str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8
     )
+
+
+@pytest.fixture(scope="session")
+def pipeline_model_dir(tmp_path_factory):
+    """The tiny model with a context that holds the default constitution's stage-2 prompt (about
+    4,500 tokens with the tiny tokenizer), as `selfalign run`'s preflight requires."""
+    from selfalign.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-long") / "model", context=8192)

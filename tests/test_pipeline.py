@@ -101,10 +101,15 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         ({"engrave.max_steps": "many"}, "engrave.max_steps"),
         ({"model.model": "/nonexistent/model"}, "/nonexistent/model"),
         ({"instructions.topics.prompt": "/nonexistent/prompt.txt"}, "instructions.topics.prompt"),
+        ({"instructions.self_instruct.seed_tasks": "EMPTY"}, "empty.jsonl"),
+        ({"instructions.questions.seed_questions": "EMPTY"}, "empty.jsonl"),
     ],
 )
-def test_bad_config_fails_before_any_work(tmp_path, tiny_model_dir, change, message):
-    config = write_config(tmp_path, tiny_model_dir, **change)
+def test_bad_config_fails_before_any_work(tmp_path, pipeline_model_dir, change, message):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    change = {k: str(empty) if v == "EMPTY" else v for k, v in change.items()}
+    config = write_config(tmp_path, pipeline_model_dir, **change)
     result = run_cli("run", str(config))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -112,17 +117,17 @@ def test_bad_config_fails_before_any_work(tmp_path, tiny_model_dir, change, mess
     assert not (tmp_path / "run" / "1_instructions").exists()
 
 
-def test_unwritable_run_dir_fails_early(tmp_path, tiny_model_dir):
+def test_unwritable_run_dir_fails_early(tmp_path, pipeline_model_dir):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    config = write_config(tmp_path, tiny_model_dir, run_dir=str(blocker / "run"))
+    config = write_config(tmp_path, pipeline_model_dir, run_dir=str(blocker / "run"))
     result = run_cli("run", str(config))
     assert result.returncode == 2 and "not writable" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_override_on_the_command_line(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir)
+def test_override_on_the_command_line(tmp_path, pipeline_model_dir):
+    config = write_config(tmp_path, pipeline_model_dir)
     cfg = load_pipeline_config(config, ["self_align.sampling.max_tokens=7", "seed=3"])
     assert cfg.self_align.sampling.max_tokens == 7
     assert cfg.self_align.sampling.temperature == 0.5  # the stage default is kept
@@ -156,7 +161,7 @@ def record_progress(monkeypatch) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_full_run_skips_refuses_and_forces(tmp_path, tiny_model_dir, monkeypatch):
+def test_full_run_skips_refuses_and_forces(tmp_path, pipeline_model_dir, monkeypatch):
     import pipeline_fakes
 
     # like `backend: openai`: no tokenizer in the backend (stage 4 takes the engraved model's),
@@ -164,7 +169,7 @@ def test_full_run_skips_refuses_and_forces(tmp_path, tiny_model_dir, monkeypatch
     pipeline_fakes.install(monkeypatch, server=True)
     statuses = record_progress(monkeypatch)
     config = write_config(
-        tmp_path, tiny_model_dir, **{
+        tmp_path, pipeline_model_dir, **{
             "model.backend": "openai", "model.base_url": "http://127.0.0.1:9/v1",
             "instructions.self_instruct.suppress_eos": False,
             "instructions.topics.suppress_eos": False,
@@ -213,11 +218,11 @@ def test_full_run_skips_refuses_and_forces(tmp_path, tiny_model_dir, monkeypatch
 
 
 def test_a_server_backend_that_cannot_do_what_a_stage_asks_fails_before_any_work(
-    tmp_path, tiny_model_dir
+    tmp_path, pipeline_model_dir
 ):
     # stage 4's default sampling has 3- and 4-gram penalties, which an OpenAI server cannot apply
     config = write_config(
-        tmp_path, tiny_model_dir, **{"model.backend": "openai", "model.base_url": "http://x/v1"}
+        tmp_path, pipeline_model_dir, **{"model.backend": "openai", "model.base_url": "http://x/v1"}
     )
     with pytest.raises(UserError, match=r"stage 'verbose'.*orders 3, 4.*verbose.sampling"):
         load_pipeline_config(config)
@@ -225,8 +230,8 @@ def test_a_server_backend_that_cannot_do_what_a_stage_asks_fails_before_any_work
 
 
 @pytest.mark.slow
-def test_sigkill_in_stage_2_resumes_stage_2(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir)
+def test_sigkill_in_stage_2_resumes_stage_2(tmp_path, pipeline_model_dir):
+    config = write_config(tmp_path, pipeline_model_dir)
     script = tmp_path / "run_fake.py"
     script.write_text(
         "import sys\n"
@@ -265,7 +270,9 @@ PAPER_STAGE_4 = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize("name", ["demo", "small-gpu", pytest.param("paper", marks=PAPER_STAGE_4)])
-def test_example_configs_pass_preflight_and_open_with_their_command(name, tmp_path, tiny_model_dir):
+def test_example_configs_pass_preflight_and_open_with_their_command(
+    name, tmp_path, pipeline_model_dir
+):
     from importlib import resources
 
     path = resources.files("selfalign") / "configs" / f"{name}.yaml"
@@ -273,17 +280,45 @@ def test_example_configs_pass_preflight_and_open_with_their_command(name, tmp_pa
     assert re.search(rf"selfalign run \S*{name}\.yaml|make demo", "\n".join(header[:5]))
     # the whole preflight, on a model that exists here (theirs are hub ids or built by make demo)
     cfg = load_pipeline_config(
-        str(path), [f"model.model={tiny_model_dir}"], run_dir=tmp_path / "run"
+        str(path), [f"model.model={pipeline_model_dir}"], run_dir=tmp_path / "run"
     )
     assert cfg.run_dir == str(tmp_path / "run")
 
 
-def test_an_edited_prompt_file_changes_the_stage_hash(tmp_path, tiny_model_dir):
+def test_an_edited_prompt_file_changes_the_stage_hash(tmp_path, pipeline_model_dir):
     prompt = tmp_path / "verbose.txt"
     prompt.write_text("You are {name}. Answer at length.")
-    config = write_config(tmp_path, tiny_model_dir, **{"verbose.verbose_prompt": str(prompt)})
+    config = write_config(tmp_path, pipeline_model_dir, **{"verbose.verbose_prompt": str(prompt)})
     before = stage_hashes(load_pipeline_config(config))
     prompt.write_text("You are {name}. Answer briefly.")
     after = stage_hashes(load_pipeline_config(config))
     assert before["self_align"] == after["self_align"]
     assert before["verbose"] != after["verbose"]
+
+
+def test_a_context_too_short_for_the_constitution_fails_before_any_work(tmp_path, tiny_model_dir):
+    # the tiny model's 2,048 tokens cannot hold the default constitution's ~4,500-token prompt
+    config = write_config(tmp_path, tiny_model_dir)
+    with pytest.raises(
+        UserError, match=r"stage 'self_align'.*constitution prompt is \d+ tokens.*2048"
+    ):
+        load_pipeline_config(config)
+    assert not (tmp_path / "run" / "1_instructions").exists()
+
+
+def test_constitution_check_warns_when_the_prompt_leaves_no_room(
+    monkeypatch, capsys, tiny_model_dir
+):
+    from cli_run import run_main
+
+    code, out, err = run_main(monkeypatch, capsys, "constitution", "check", "default")
+    assert code == 0 and "ok:" in out and "warning" not in err  # fits Llama 2's 4096
+    code, out, err = run_main(
+        monkeypatch, capsys, "constitution", "check", "default", "--context", "2048"
+    )
+    assert code == 0 and "ok:" in out and "warning" in err and "context 2048 assumed" in err
+    # counted with a model's tokenizer, against that model's own context (2048 here)
+    code, out, err = run_main(
+        monkeypatch, capsys, "constitution", "check", "default", "--tokenizer", str(tiny_model_dir)
+    )
+    assert code == 0 and "tokens" in out and "context 2048 assumed" in err

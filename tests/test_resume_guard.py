@@ -392,7 +392,7 @@ def test_answer_refuses_a_changed_system_prompt(tmp_path, tokenizer):
 # -- selfalign run -------------------------------------------------------------------------------
 
 
-def test_the_pipeline_says_which_stage_to_force(tmp_path, tiny_model_dir, monkeypatch):
+def test_the_pipeline_says_which_stage_to_force(tmp_path, pipeline_model_dir, monkeypatch):
     """A raw file whose completions came from other prompts than the stage's settings make now
     (an edited prompt file is caught earlier, by the stage hash, which covers file contents;
     here the raw file itself says so) is refused; the way out is `--force` of that stage."""
@@ -404,7 +404,7 @@ def test_the_pipeline_says_which_stage_to_force(tmp_path, tiny_model_dir, monkey
 
     meta = tmp_path / "meta.txt"
     meta.write_text("Come up with a series of tasks:")
-    config = write_config(tmp_path, tiny_model_dir,
+    config = write_config(tmp_path, pipeline_model_dir,
                           **{"instructions.self_instruct.meta_prompt": str(meta)})  # fmt: skip
     pipeline_fakes.install(monkeypatch)
     working = pipeline.load_backend

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model_dir):
+def finished(tmp_path_factory, pipeline_model_dir):
     """(config path, run dir) of a finished run whose constitution is a file of its own."""
     import pipeline_fakes
 
@@ -34,7 +34,7 @@ def finished(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("finished")
     constitution = root / "constitution.yaml"
     constitution.write_text((bundled_dir() / "default.yaml").read_text())
-    config = write_config(root, tiny_model_dir, constitution=str(constitution))
+    config = write_config(root, pipeline_model_dir, constitution=str(constitution))
     with pytest.MonkeyPatch.context() as mp:
         pipeline_fakes.install(mp)
         run_pipeline(load_pipeline_config(config))
@@ -86,6 +86,7 @@ def test_force_of_a_middle_stage_redoes_it_and_every_later_stage(run_copy, monke
         assert after[path] != before[path], f"{path} was not rebuilt"
     assert set(statuses(run).values()) == {"done"}
     all_ids_unique(run)
+    assert not any((run / ".trash").iterdir())  # set-aside outputs go once the redo succeeds
 
 
 def test_force_outside_the_selected_stages_is_refused_and_deletes_nothing(
@@ -130,12 +131,12 @@ def test_forced_stage_marks_later_unselected_stages_stale_then_redoes_them(
 
 
 def test_a_stage_whose_input_stage_is_not_done_is_refused_before_any_work(
-    tmp_path, tiny_model_dir, monkeypatch, capsys
+    tmp_path, pipeline_model_dir, monkeypatch, capsys
 ):
     import pipeline_fakes
 
     pipeline_fakes.install(monkeypatch)
-    config = write_config(tmp_path, tiny_model_dir)
+    config = write_config(tmp_path, pipeline_model_dir)
     code, _, err = run_main(monkeypatch, capsys, "run", str(config), "--stages", "3-")
     assert code == 2
     assert "stage 'engrave' needs stage 'self_align' (2_self_align/sft.jsonl)" in err
@@ -161,11 +162,15 @@ def test_an_edited_constitution_file_after_stage_2_is_refused(finished, run_copy
 
 def test_a_failing_stage_is_marked_failed_and_the_command_fails(run_copy, monkeypatch, capsys):
     config, run = run_copy
+    weights = (run / "3_engrave" / "model" / "model.safetensors").read_bytes()
     code, _, err = run_main(
         monkeypatch, capsys, "run", str(config), "engrave.model=/nonexistent/base",
         "--force", "engrave", "-q",
     )  # fmt: skip
     assert code == 2 and "/nonexistent/base" in err
+    # the failed redo lost nothing: the previous model waits in .trash
+    (kept,) = (run / ".trash").glob("3_engrave-*")
+    assert (kept / "model" / "model.safetensors").read_bytes() == weights
     manifest = json.loads((run / "manifest.json").read_text())
     entry = manifest["stages"]["engrave"]
     assert entry["status"] == "failed" and "/nonexistent/base" in entry["error"]
@@ -229,3 +234,24 @@ def test_log_json_prints_one_event_per_line(run_copy, monkeypatch, capsys):
     ]
     assert all(isinstance(e["time"], float) for e in events)
     assert "report" in events[-1]
+
+
+def test_bad_force_and_non_run_directories_are_refused_without_writing(
+    tmp_path, pipeline_model_dir, monkeypatch, capsys
+):
+    config = write_config(tmp_path, pipeline_model_dir)
+    code, _, err = run_main(monkeypatch, capsys, "run", str(config), "--force", "bogus")
+    assert code == 2 and "'bogus': not a stage" in err
+    assert not (tmp_path / "run").exists()
+
+    elsewhere = tmp_path / "documents"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    for args in (
+        ("report", str(elsewhere)),
+        ("export", str(elsewhere), "--out", str(tmp_path / "x")),
+    ):
+        code, _, err = run_main(monkeypatch, capsys, *args)
+        assert code == 2 and "not a selfalign run directory" in err, args
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "x").exists()

@@ -123,10 +123,26 @@ def load_model(
     return model, tokenizer, device
 
 
+def configured_context(name: str) -> int | None:
+    """The context length a local model directory's config.json declares (None when there is no
+    such file or it names none); reads no weights."""
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return _context_of(data.get) if isinstance(data, dict) else None
+
+
 def context_length(model) -> int:
-    config = model.config
+    return _context_of(lambda key: getattr(model.config, key, None)) or 2048
+
+
+def _context_of(get) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
+        value = get(key)
         if isinstance(value, int) and value > 0:
             return value
-    return 2048
+    return None

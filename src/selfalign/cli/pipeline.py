@@ -39,11 +39,18 @@ def run(
     import shlex
     import sys
 
-    from selfalign.run.pipeline import Events, load_pipeline_config, parse_stages, run_pipeline
+    from selfalign.run.pipeline import (
+        Events,
+        check_force,
+        load_pipeline_config,
+        parse_stages,
+        run_pipeline,
+    )
 
     if quiet or log_json:
         os.environ["SELFALIGN_PROGRESS"] = "0"
     selected = parse_stages(stages)
+    check_force(set(force or []), selected)  # before the run directory is made
     cfg = load_pipeline_config(config, overrides or [], run_dir)
     command = "selfalign " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     manifest = run_pipeline(cfg, selected, force or [], Events(log_json, quiet), command)
@@ -104,10 +111,10 @@ def status(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
 
 def report(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     """Write RUN/report/index.html from the run's files."""
+    from selfalign.run.registry import check_run_dir
     from selfalign.run.report import write_report
 
-    if not run.is_dir():
-        raise UserError(f"{run}: no such run directory")
+    check_run_dir(run)
     typer.echo(str(write_report(run)))
 
 
@@ -120,7 +127,9 @@ def export(
 ) -> None:
     """Export the stage-2 and stage-4 datasets."""
     from selfalign.run.export import export_run
+    from selfalign.run.registry import check_run_dir
 
+    check_run_dir(run)
     counts = export_run(run, format, out)
     typer.echo(f"{out}: " + ", ".join(f"{name} {n} rows" for name, n in counts.items()))
 

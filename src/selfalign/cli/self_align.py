@@ -148,22 +148,40 @@ def constitution_check(
     tokenizer: Annotated[
         str | None, typer.Option(help="Model/tokenizer to count the prompt's tokens with.")
     ] = None,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            help="Context of the model it is for [default: the --tokenizer model's, "
+            "else 4096, Llama 2's; the paper's LLaMA had 2048]."
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Answer tokens stage 2 generates.")
+    ] = 256,
 ) -> None:
-    """Validate a constitution; errors name the place (principles[2], exemplars[1].turns[0])."""
+    """Validate a constitution; errors name the place (principles[2], exemplars[1].turns[0]).
+    Warns when its prompt leaves too little of the model's context for an instruction and answer."""
+    from selfalign.modeling import configured_context, load_tokenizer
+    from selfalign.stages.stage2_self_align import context_shortfall
     from selfalign.text.constitution import load_constitution, render_prefix
 
     c = load_constitution(file)
     prefix = render_prefix(c)
-    size = f"{len(prefix)} characters"
     if tokenizer:
-        from selfalign.modeling import load_tokenizer
-
-        size += f", {len(load_tokenizer(tokenizer)(prefix)['input_ids'])} tokens"
+        tokens, counted = len(load_tokenizer(tokenizer)(prefix)["input_ids"]), "tokens"
+    else:  # about 4 characters per token for English text with LLaMA-style tokenizers
+        tokens, counted = len(prefix) // 4, "tokens at ~4 characters per token"
+    context = context or (configured_context(tokenizer) if tokenizer else None) or 4096
     name = c.identity.name + (f" (codename {c.codename})" if c.codename else "")
     typer.echo(
         f"{file}: ok: {name}, {len(c.principles)} principles, {len(c.exemplars)} exemplars, "
-        f"prompt prefix {size}"
+        f"prompt prefix {len(prefix)} characters, {tokens} {counted}"
     )
+    problem = context_shortfall(tokens, context, max_tokens)
+    if problem:
+        typer.echo(
+            f"warning: {problem} (context {context} assumed; --context, --tokenizer)", err=True
+        )
 
 
 def register(app) -> None:

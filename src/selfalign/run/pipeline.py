@@ -131,8 +131,47 @@ def preflight(cfg: PipelineConfig, source: str) -> None:
     ):
         if value is not None and not Path(value).is_file():
             raise UserError(f"{source}: {key}: no such file {value!r}")
+    _check_stage1_inputs(stage1)
     _check_backend(cfg)
+    _check_constitution_fits(cfg)
     _check_writable(Path(cfg.run_dir))
+
+
+def _check_stage1_inputs(cfg) -> None:
+    """Stage 1's seed files and prompts parse (an empty seed file fails now, not after the model
+    has loaded); the topics file is stage 1's own output, so it is not checked here."""
+    from selfalign.stages.stage1_instructions import (
+        load_seed_questions,
+        read_text_input,
+        render_template,
+        self_instruct_inputs,
+        topics_inputs,
+    )
+
+    self_instruct_inputs(cfg.self_instruct)
+    topics_inputs(cfg.topics)
+    load_seed_questions(cfg.questions.seed_questions)
+    template = read_text_input(cfg.questions.prompt, "question_prompt.txt")
+    render_template(template, "", "", source=cfg.questions.prompt or "question prompt")
+
+
+def _check_constitution_fits(cfg: PipelineConfig) -> None:
+    """Stage 2's prompt fits the base model's context (counted with its tokenizer when the model
+    is a local directory), so a too-short context fails now rather than after stage 1."""
+    from selfalign.modeling import configured_context, load_tokenizer
+    from selfalign.stages.stage2_self_align import context_shortfall
+    from selfalign.text.constitution import render_prefix
+
+    model = cfg.model.tokenizer or cfg.model.model
+    context = cfg.model.context or configured_context(cfg.model.model)
+    if context is None or not Path(model).expanduser().is_dir():
+        return
+    tokenizer = load_tokenizer(model, cfg.model.trust_remote_code)
+    prefix = render_prefix(stage_constitution(cfg.self_align))
+    tokens = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    problem = context_shortfall(tokens, context, cfg.self_align.sampling.max_tokens)
+    if problem:
+        raise UserError(f"stage 'self_align': {problem} (model {cfg.model.model})")
 
 
 def _check_backend(cfg: PipelineConfig) -> None:
@@ -293,7 +332,7 @@ class Pipeline:
         A forced stage, a stale one, and every selected stage after one of those is redone from
         scratch; a done stage whose settings changed is refused; one whose inputs are missing is
         refused naming the stage that makes them."""
-        force = _check_force(set(force), stages)
+        force = check_force(set(force), stages)
         hashes, settings = stage_hashes(self.cfg), stage_configs(self.cfg)
         todo: list[_Todo] = []
         cascade = False  # an earlier selected stage is redone, so this one's inputs change
@@ -365,8 +404,7 @@ class Pipeline:
 
     def _run_stage(self, manifest: Manifest, item: _Todo) -> None:
         stage = item.stage
-        if item.redo:
-            self._reset(manifest, stage)
+        trash = self._set_aside(manifest, stage) if item.redo else None
         manifest.start(stage.name, stage_hashes(self.cfg)[stage.name])
         manifest.stage(stage.name)["settings"] = stage_configs(self.cfg)[stage.name]
         self.events("stage_start", f"[{stage.name}] starting", stage=stage.name)
@@ -385,17 +423,24 @@ class Pipeline:
         manifest.finish(
             stage.name, counts, [str(p.relative_to(self.run)) for p in outputs], seconds
         )
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
         self.events("stage_done", f"[{stage.name}] done in {seconds:.0f}s: {summarize(counts)}",
                     stage=stage.name, seconds=round(seconds, 2), counts=counts)  # fmt: skip
 
-    def _reset(self, manifest: Manifest, stage: Stage) -> None:
+    def _set_aside(self, manifest: Manifest, stage: Stage) -> Path | None:
+        """Move a redone stage's previous outputs to RUN/.trash/ (deleted once the redo succeeds,
+        so a failed redo loses nothing)."""
         folder = stage.path(self.run)
-        if folder.exists():
-            shutil.rmtree(folder)
         manifest.reset(stage.name)
-        self.events(
-            "stage_reset", f"[{stage.name}] redone: previous outputs removed", stage=stage.name
-        )
+        if not folder.exists():
+            return None
+        trash = _unique(self.run / ".trash" / f"{stage.folder}-{time.strftime('%Y%m%d-%H%M%S')}")
+        trash.parent.mkdir(exist_ok=True)
+        folder.rename(trash)
+        self.events("stage_reset", f"[{stage.name}] redone: previous outputs set aside in "
+                    f"{trash} until it succeeds", stage=stage.name, trash=str(trash))  # fmt: skip
+        return trash
 
     # what the stages use ------------------------------------------------------------------------
 
@@ -434,6 +479,13 @@ class Pipeline:
         return {"rejected": len(rejected), "rejected_by_reason": dict(reasons.most_common())}
 
 
+def _unique(path: Path) -> Path:
+    n = 1
+    while path.exists():
+        path, n = path.with_name(f"{path.name.rsplit('.', 1)[0]}.{n}"), n + 1
+    return path
+
+
 @dataclass(frozen=True)
 class _Todo:
     """A stage to run now; `redo`: remove its previous outputs first."""
@@ -442,7 +494,7 @@ class _Todo:
     redo: bool
 
 
-def _check_force(force: set[str], selected: list[str]) -> set[str]:
+def check_force(force: set[str], selected: list[str]) -> set[str]:
     """--force names selected stages only: forcing one that does not run would delete and redo
     nothing (or delete work it cannot redo)."""
     for name in sorted(force, key=lambda n: names().index(n) if n in names() else -1):

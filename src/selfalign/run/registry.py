@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from selfalign.errors import UserError
 from selfalign.stages.stage1_instructions import Stage1Config
 from selfalign.stages.stage2_self_align import SelfAlignConfig
 from selfalign.stages.stage3_engrave import TrainConfig
@@ -213,3 +214,15 @@ def names() -> list[str]:
 def producers(stage: Stage) -> list[Stage]:
     """The earlier stages whose outputs `stage` reads."""
     return [s for s in STAGES if any(i in s.outputs for i in stage.inputs)]
+
+
+def check_run_dir(run: Path) -> None:
+    """Refuse, in one line, a directory that is not a run: no manifest and no stage folder."""
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run directory")
+    if not (run / "manifest.json").exists() and not any(s.path(run).is_dir() for s in STAGES):
+        folders = ", ".join(s.folder for s in STAGES)
+        raise UserError(
+            f"{run}: not a selfalign run directory (no manifest.json, none of {folders}); "
+            "give the run_dir of a `selfalign run`"
+        )

@@ -705,3 +705,22 @@ def shuffled(rows: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     out = sorted(rows, key=lambda r: str(r["id"]))
     random.Random(row_seed(seed, "sft-shuffle")).shuffle(out)
     return out
+
+
+# a typical instruction, in tokens: what must fit after the constitution besides the answer
+INSTRUCTION_ROOM = 64
+
+
+def context_shortfall(prefix_tokens: int, context: int, max_tokens: int) -> str | None:
+    """Why a constitution prompt of `prefix_tokens` does not fit a `context`-token model with
+    `max_tokens` of answer and a typical instruction; None when it fits. (Cutting the prompt's
+    start, truncate_prompt='left', would cut the principles: never the way out here.)"""
+    room = context - prefix_tokens - max_tokens
+    if room >= INSTRUCTION_ROOM:
+        return None
+    return (
+        f"the constitution prompt is {prefix_tokens} tokens; with max_tokens={max_tokens} it leaves "
+        f"{max(room, 0)} of a {context}-token context for the instruction (want >= "
+        f"{INSTRUCTION_ROOM}): use fewer or shorter exemplars/principles, a lower max_tokens, or a "
+        "model with a longer context"
+    )
