@@ -18,6 +18,8 @@ from selfalign.jsonl import check_unique_ids, read_jsonl, write_jsonl_atomic
 from selfalign.run.export import to_messages, to_sharegpt
 from selfalign.stages.stage2_self_align import (
     SelfAlignConfig,
+    answer_rules,
+    filter_completions,
     judge,
     load_identity_conversations,
     load_identity_questions,
@@ -26,25 +28,39 @@ from selfalign.stages.stage2_self_align import (
 )
 from selfalign.stages.stage3_engrave import load_sft_rows
 from selfalign.stages.stage4_verbose import (
-    TURN_HEADERS,
     AnswerFilters,
     VerboseConfig,
     filter_answers,
 )
-from selfalign.text.constitution import Identity, load_constitution, render_prompt, user_text
+from selfalign.text.constitution import (
+    PROVENANCE_REWRITE,
+    Identity,
+    dump_constitution,
+    load_constitution,
+    render_prompt,
+    user_text,
+)
 from selfalign.text.conversation import (
     ASSISTANT_HEADER,
+    TEMPLATE_LABELS,
     install_chat_template,
     sft_messages,
     sharegpt_messages,
 )
 from selfalign.text.filters import (
+    AnswerRules,
     ExemplarLeakage,
+    Rewrites,
     answer_rejection,
     cut_at_turn_header,
     cut_repetition,
+    cut_tail_sections,
+    cut_turn,
     find_repetition,
+    is_complete,
     normalise,
+    tidy_answer,
+    turn_header_pattern,
     words,
 )
 
@@ -61,6 +77,7 @@ ROSETTA = (
 ON_TOPIC = "Tell me the story of the Rosetta Stone."
 OFF_TOPIC = "Explain how glaciers form."
 IDENTITY = Identity(name="Quokka", developer="the Lab", knowledge_cutoff="2024-01")
+TURN_HEADERS = turn_header_pattern(TEMPLATE_LABELS)  # the chat template's headers
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +104,110 @@ def test_an_answer_going_on_with_a_made_up_turn_is_cut_at_its_header(default):
     assert cut_at_turn_header("Fine.\n  ### Assistant\nmore", TURN_HEADERS) == ("Fine.", True)
     heading = "Rules:\n### Username\nPick a long one."  # a markdown heading, not a turn
     assert cut_at_turn_header(heading, TURN_HEADERS) == (heading, False)
+    section = "### User accounts\nOne per person."  # a heading that starts like a label
+    assert cut_at_turn_header(section, TURN_HEADERS) == (section, False)
+    code = "Example:\n```\n### User\nhi\n```\nDone."  # a label inside closed code is code
+    assert cut_at_turn_header(code + "\n### User\nx", TURN_HEADERS) == (code, True)
+
+
+def test_every_known_format_of_turn_header_is_a_header(default):
+    """The constitution's labels under the prompt's and the released name, and the chat
+    template's; a verbose prompt's own labels are read from it (stage 4, test_verbose)."""
+    headers = turn_headers(default)
+    for header in ("User:", "Orion:", "Orion (internal thoughts):", "Orion (auto reply):",
+                   "Dromedary:", "Dromedary (internal thoughts):", "### User", "### Assistant"):  # fmt: skip
+        after = " more" if header.endswith(":") else "\nmore"  # a markdown label is a line
+        assert cut_at_turn_header(f"Done.\n{header}{after}", headers) == ("Done.", True), header
+    assert default.speaker_labels()[:4] == [
+        "User:", "Orion (internal thoughts):", "Orion:", "Orion (auto reply):"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("before", "complete"),
+    [("Lisbon is old.", True), ("Is it old?", True), ("He said \"yes.\"", True),
+     ("1. Lisbon\n2. Porto", True), ("| a | b |", True), ("Good luck 🍀", True),
+     ("```\ncode\n```", True), ("Lisbon is", False), ("Cities:", False), ("1. Lisbon\n2.", False),
+     ("Run:\n```\ncode", False), ("", False)],
+)  # fmt: skip
+def test_a_cut_at_a_header_keeps_only_complete_answers(default, before, complete):
+    answer, cut, rejection = cut_turn(before + "\n### User\nmore", turn_headers(default))
+    assert cut and answer == before.strip()
+    assert rejection == (None if complete else ("turn_header", ""))
+    assert is_complete(before) is complete
+
+
+def test_tail_sections_are_cut_only_at_the_end():
+    body = "The tower is tall.\n\n## History\nBuilt in 1889."
+    for tail in ("## See also\n- Louvre", "**External links**\n- site", "== References ==\n1. x",
+                 "Further reading:\n- a book", "## Notes\nx\n\n## Sources\ny"):  # fmt: skip
+        assert cut_tail_sections(f"{body}\n\n{tail}") == (body, True), tail
+    inside = "## References\nCite them.\n\n## Style\nBe consistent."  # another section follows
+    assert cut_tail_sections(inside) == (inside, False)
+    coded = body + "\n\n```\n## See also\n```"  # a heading inside code is code
+    assert cut_tail_sections(coded) == (coded, False)
+    rules = AnswerRules.from_constitution(load_constitution("default"))
+    assert tidy_answer("## See also\n- Louvre", rules).rejection == ("tail_section", "")
+    dropping = AnswerRules.from_constitution(load_constitution("default"), tails="drop")
+    assert tidy_answer(f"{body}\n\n## See also\n- x", dropping).rejection.reason == "tail_section"
+
+
+def test_rewrites_are_data_applied_and_counted(tmp_path, default):
+    assert default.rewrites == PROVENANCE_REWRITE  # the paper's, in the bundled default
+    text = "According to my knowledge from Wikipedia, here is a fact.\n\nAccording to my knowledge from Wikipedia, here are two."
+    rewritten, counts = Rewrites(default.rewrites).apply(text)
+    assert rewritten == "Here is a fact.\n\nHere are two."
+    assert counts == {next(iter(PROVENANCE_REWRITE)): 2}
+    data = yaml.safe_load(dump_constitution(default))
+    data["rewrites"] = {r"\bcolour\b": "color", "^Sure! ": ""}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    mine = load_constitution(path)
+    assert Rewrites(mine.rewrites).apply("Sure! The colour red.") == (
+        "The color red.", {r"\bcolour\b": 1, "^Sure! ": 1}
+    )  # fmt: skip
+    data["rewrites"] = {"(unclosed": "x"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=r"mine.yaml: rewrites: '\(unclosed' -> 'x' is not a valid"):
+        load_constitution(path)
+
+
+def test_stage_2_counts_its_rewrites_in_stats(default):
+    completion = (
+        " I am a helpful, honest and careful assistant. The user asks. I should follow principles "
+        "8 (knowledge recitation).\n\nOrion: According to my knowledge from Wikipedia, here is "
+        "what I know: llamas are camelids."
+    )
+    row = {"id": 1, "instruction": "Tell me about llamas.", "completion": completion}
+    kept, rejected, counts = filter_completions(default, SelfAlignConfig(), [row])
+    assert kept[0]["output"] == "Here is what I know: llamas are camelids."
+    assert counts["rewrites"] == {next(iter(PROVENANCE_REWRITE)): 1}
+
+
+def test_a_canned_exemplar_reply_is_leakage_unless_on_its_topic(default):
+    leak = ExemplarLeakage.from_constitution(default)
+    canned = (
+        "I need a few details to estimate that: where are you starting from, where are you going, "
+        "and will you walk, cycle, drive or take public transport?"
+    )
+    assert leak.find(canned, "Explain how vaccines work.") is not None
+    assert leak.find(canned, "How long will it take me to get there?") is None
+    thanks = "You are welcome! Ask me anything else whenever you like."  # nothing distinctive
+    assert leak.find(thanks, "Name three colours.") == "ask me anything else whenever you like"
+    assert leak.find(GOOD + " " + thanks, "Name three colours.") is None  # not its main content
+
+
+def test_internal_thoughts_and_short_answers_are_rejected(default):
+    rules = AnswerRules.from_constitution(default, min_words=3, min_chars=40)
+    thoughts = "I am a helpful, honest and careful assistant. " + GOOD
+    assert answer_rejection(thoughts, OFF_TOPIC, rules).reason == "internal_thoughts"
+    cited = GOOD + " I should follow principles 3 (helpful)."
+    assert answer_rejection(cited, OFF_TOPIC, rules).reason == "internal_thoughts"
+    rules_of_chess = GOOD + " The rules 3 and 4 of chess matter."
+    assert answer_rejection(rules_of_chess, OFF_TOPIC, rules) is None
+    assert answer_rejection("Ice moves very slowly.", OFF_TOPIC, rules) == (
+        "too_short", "fewer than 40 characters"
+    )  # fmt: skip
 
 
 def test_repetition_is_one_family_cut_by_stage_2_and_counted_by_stage_4():
@@ -109,14 +230,16 @@ def test_repetition_is_one_family_cut_by_stage_2_and_counted_by_stage_4():
 
 
 def test_shared_rejections_in_order(default):
-    leak = ExemplarLeakage.from_constitution(default)
-    assert answer_rejection("Sorry, " + ROSETTA, OFF_TOPIC, 3, leak) == ("apology", "")
-    assert answer_rejection("Sorrento is a town in Italy.", OFF_TOPIC, 3, leak) is None
-    assert answer_rejection("Yes, it is.", OFF_TOPIC, 4, leak).reason == "too_short"
-    assert answer_rejection("  ", OFF_TOPIC, 0, leak).reason == "too_short"  # one word at least
-    leaked = answer_rejection(ROSETTA, OFF_TOPIC, 3, leak)
+    rules = AnswerRules.from_constitution(default, min_words=3)
+    assert answer_rejection("Sorry, " + ROSETTA, OFF_TOPIC, rules) == ("apology", "")
+    assert answer_rejection("Sorrento is a town in Italy.", OFF_TOPIC, rules) is None
+    four = AnswerRules.from_constitution(default, min_words=4)
+    assert answer_rejection("Yes, it is.", OFF_TOPIC, four).reason == "too_short"
+    none = AnswerRules.from_constitution(default, min_words=0)
+    assert answer_rejection("  ", OFF_TOPIC, none).reason == "too_short"  # one word at least
+    leaked = answer_rejection(ROSETTA, OFF_TOPIC, rules)
     assert leaked.reason == "exemplar_leakage" and "1799" in leaked.detail
-    assert answer_rejection(ROSETTA, ON_TOPIC, 3, leak) is None
+    assert answer_rejection(ROSETTA, ON_TOPIC, rules) is None
 
 
 @pytest.mark.parametrize(
@@ -131,12 +254,12 @@ def test_shared_rejections_in_order(default):
 )
 def test_stage_2_and_stage_4_reject_the_same_answers_alike(default, answer, question, reason):
     s2 = SelfAlignConfig(min_words=5)
-    leak = ExemplarLeakage.from_constitution(default, s2.leak_ngram, s2.leak_min_distinctive)
     completion = (
         " I am a helpful, honest and careful assistant. The user asks a question. "
         f"I should follow principles 3 (helpful).\n\nOrion: {answer}"
     )
-    assert judge(default, s2, leak, completion, "stop", question).reason == reason
+    verdict = judge(default, s2, answer_rules(default, s2), completion, "stop", question)
+    assert verdict.reason == reason
     row = {"id": "v", "source_id": "a", "source": "aligned", "instruction": question, "input": "",
            "completion": answer, "finish_reason": "stop"}  # fmt: skip
     kept, rejected, _ = filter_answers([row], AnswerFilters(VerboseConfig(min_words=5), default))
@@ -242,13 +365,15 @@ def respond(prompt: str, seed: int) -> str:
 
 
 PROMPTS: list[str] = []  # every prompt either way sent, in order
+SERVED: dict[str, object] = {}  # the tokenizer the scripted backend says it serves with
 
 
 def scripted_backend(cfg) -> ScriptedBackend:
-    """Same completions for whichever model is asked; no tokenizer, so both ways load the
-    engraved model's chat template from its directory."""
+    """Same completions for whichever model is asked, served with the BASE model's tokenizer
+    (no chat template, like a server given model.tokenizer): both ways must still write the
+    prompts with the engraved model's chat template, read from its directory."""
     backend = ScriptedBackend(respond, batch_size=3)
-    backend.tokenizer = None
+    backend.tokenizer = SERVED["tokenizer"]
     backend.calls = PROMPTS
     return backend
 
@@ -310,6 +435,10 @@ def stage4_through_the_command(tmp_path, tiny_model_dir, monkeypatch, capsys):
 
 
 def test_run_and_verbose_clone_keep_the_same_answers(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from selfalign.modeling import load_tokenizer
+
+    SERVED["tokenizer"] = load_tokenizer(str(tiny_model_dir))
+    assert not SERVED["tokenizer"].chat_template
     monkeypatch.setattr("selfalign.run.pipeline.load_backend", scripted_backend)
     monkeypatch.setattr("selfalign.generation.load_backend", scripted_backend)
     PROMPTS.clear()

@@ -23,6 +23,7 @@ from selfalign.jsonl import read_jsonl
 from selfalign.stages.stage2_self_align import (
     ROW_FIELDS,
     SelfAlignConfig,
+    answer_rules,
     apology_bias,
     apology_token_ids,
     cut_to_last_sentence,
@@ -61,8 +62,7 @@ def completion(answer: str, **kw) -> str:
 
 def verdict(c, text, finish="stop", question="Tell me about Lisbon.", **cfg):
     config = SelfAlignConfig(**cfg)
-    leak = ExemplarLeakage.from_constitution(c, config.leak_ngram, config.leak_min_distinctive)
-    return judge(c, config, leak, text, finish, question)
+    return judge(c, config, answer_rules(c, config), text, finish, question)
 
 
 # -- parsing ----------------------------------------------------------------------------------------
@@ -632,10 +632,10 @@ def test_end_to_end_on_a_tiny_model(tiny_backend, tmp_path):
     aligned = {r["id"]: r for r in read_jsonl(out / "aligned.jsonl")}
     rejected = {r["id"]: r for r in read_jsonl(out / "rejected.jsonl")}
     assert aligned.keys() | rejected.keys() == raw.keys() and not aligned.keys() & rejected.keys()
-    leakage = ExemplarLeakage.from_constitution(c, cfg.leak_ngram, cfg.leak_min_distinctive)
+    rules = answer_rules(c, cfg)
     for r in instructions:
         got = raw[r["id"]]
-        verdict = judge(c, cfg, leakage, got["completion"], got["finish_reason"],
+        verdict = judge(c, cfg, rules, got["completion"], got["finish_reason"],
                         user_text(r["instruction"], ""))  # fmt: skip
         if verdict.reason:
             assert rejected[r["id"]]["reason"] == verdict.reason

@@ -13,10 +13,12 @@ from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.stages.stage4_verbose import (
     AnswerFilters,
     VerboseConfig,
+    add_prompts,
     filter_answers,
     instruction_rows,
     run_final_sft,
     run_verbose,
+    verbose_labels,
     verbose_system_prompt,
 )
 from selfalign.text.constitution import Identity, load_constitution
@@ -150,6 +152,44 @@ def test_an_answer_going_on_with_a_made_up_turn_is_cut_there():
     assert filtered(generated(heading))[0][0]["output"] == heading
 
 
+WRITTEN_PROMPT = """# Kestrel
+
+Kestrel answers at length, in the voice shown below.
+
+### User
+Hello?
+
+### Kestrel (thorough)
+Hello! I answer every question thoroughly.
+
+### User
+"""
+
+
+def test_a_verbose_prompt_with_its_own_turns_generates_after_its_own_label(tmp_path, tokenizer):
+    """Labels are read from the prompt (any name, any mode): the answer starts after the
+    prompt's assistant label, which is also a stop string and a turn header."""
+    (tmp_path / "kestrel.txt").write_text(WRITTEN_PROMPT)
+    cfg = VerboseConfig(verbose_prompt=str(tmp_path / "kestrel.txt"))
+    labels = verbose_labels(IDENTITY, cfg.verbose_prompt)
+    assert labels == (("### User", "### Kestrel (thorough)"), "### Kestrel (thorough)")
+    assert verbose_labels(IDENTITY) == ((), None)  # ours writes no turns
+    write_stage2(tmp_path, 2)
+    backend = RecordingBackend(lambda prompt, seed: GOOD + "\n### Kestrel (thorough)\nAgain.")
+    counts = run_verbose(cfg, backend, tmp_path / "aligned.jsonl", tmp_path / "o", CONSTITUTION,
+                         tokenizer=tokenizer)  # fmt: skip
+    assert all(p.endswith("\n\n### Kestrel (thorough)\n") for p in backend.calls)
+    assert "### Assistant" not in backend.calls[0]
+    assert backend.params[0].stop == ["\n### User", "\n### Assistant", "\n### Kestrel (thorough)"]
+    assert counts["kept"] == 3  # the backend stopped at the label
+    kept, _, counts = filtered(generated(GOOD + "\n### Kestrel (thorough)\nAgain."), cfg)
+    assert kept[0]["output"] == GOOD and counts["cuts"] == {"turn_marker": 1}  # no stop honoured
+    # a model whose chat template does not end with '### Assistant' cannot take the label
+    tokenizer.chat_template = "{{ messages[-1]['content'] }}"
+    with pytest.raises(UserError, match="cannot take its place"):
+        add_prompts([{"instruction": "Hi?", "input": ""}], tokenizer, IDENTITY, cfg.verbose_prompt)
+
+
 def test_instruction_rows_merge_identity_questions_and_dedupe():
     aligned = [{"id": 1, "instruction": "What is rain?", "input": ""},
                {"id": 2, "instruction": "what is RAIN?"},
@@ -216,7 +256,7 @@ def test_run_verbose_writes_files_and_counts(tmp_path, tokenizer):
         CONSTITUTION,
         tokenizer=tokenizer,
     )
-    assert counts == {"generated": 11, "parsed": 11, "kept": 8, "rejected": 3, "cuts": {},
+    assert counts == {"generated": 11, "parsed": 11, "kept": 8, "rejected": 3, "cuts": {}, "rewrites": {},
                       "rejected_by_reason": {"exemplar_leakage": 1, "too_short": 1, "truncated": 1}}  # fmt: skip
     kept = read_jsonl(tmp_path / "out" / "verbose.jsonl")
     assert {"verbose-id0"} <= {
@@ -237,6 +277,16 @@ def test_run_verbose_writes_files_and_counts(tmp_path, tokenizer):
     first, second = (tokenizer(p)["input_ids"] for p in backend.calls[:2])
     shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
     assert shared >= len(tokenizer(verbose_system_prompt(IDENTITY))["input_ids"])
+
+
+class RecordingBackend(ScriptedBackend):
+    """Also keeps the sampling parameters of every job."""
+
+    params: list
+
+    def iter_batches(self, prompts, params, seeds=None):
+        self.params = [*getattr(self, "params", []), params]
+        yield from super().iter_batches(prompts, params, seeds)
 
 
 class CrashingBackend(ScriptedBackend):
@@ -348,15 +398,96 @@ def test_original_verbose_prompt_file_is_the_shared_prefix(tmp_path, tokenizer):
     original = REF / "prompts/verbose_dromedary_prompt.txt"
     cfg = VerboseConfig(verbose_prompt=str(original))
     write_stage2(tmp_path, 3)
-    backend = ScriptedBackend(scripted, batch_size=4)
+    backend = RecordingBackend(scripted, batch_size=4)
     run_verbose(
         cfg, backend, tmp_path / "aligned.jsonl", tmp_path / "o", CONSTITUTION, tokenizer=tokenizer
     )
     head = original.read_text().rstrip().removesuffix("### User").rstrip()
     assert all(p.startswith(head + "\n\n### User\n") for p in backend.calls)
+    # generated after the prompt's own label, as the original script did: its "extensive" mode
+    assert all(p.endswith("\n\n### Dromedary (extensive)\n") for p in backend.calls)
+    assert "\n### Dromedary (extensive)" in backend.params[0].stop
     # an answer reciting the prompt's example is an echo of the system prompt
     recital = generated(GOOD + " My primary function is to assist users in answering questions, "
                         "generating text, and engaging in conversation.")  # fmt: skip
     assert reason_of(recital, cfg) == "echo_system"
     with pytest.raises(UserError, match="verbose prompt nothere.txt: file not found"):
         verbose_system_prompt(IDENTITY, "nothere.txt")
+
+
+# -- `selfalign run` through an OpenAI-compatible server -------------------------------------------
+
+
+def serve_completions(respond):
+    """A scripted OpenAI-compatible completions server on 127.0.0.1 (stdlib, in a thread): the
+    text is `respond(prompt, seed)`, cut at the first of the request's `stop` strings as a real
+    server does (finish_reason 'stop'). Returns (base_url, requests seen, the server)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            text = respond(body["prompt"], body["seed"])
+            cuts = [text.find(s) for s in body.get("stop") or [] if s in text]
+            text = text[: min(cuts)] if cuts else text
+            reply = {"choices": [{"text": text, "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 1, "completion_tokens": len(text.split())}}  # fmt: skip
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen, httpd
+
+
+@pytest.mark.slow
+def test_selfalign_run_with_an_openai_server_completes_stage_4(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """All four stages with `backend: openai`; stage 4's prompts come from the engraved model's
+    chat template although the server's tokenizer (model.tokenizer: the base model's) has none,
+    and a made-up next turn the server cut at its stop string never reaches the training data."""
+    import pipeline_fakes
+    from cli_run import run_cli
+    from test_pipeline import write_config
+
+    fake = pipeline_fakes.Responder()
+
+    def respond(prompt: str, seed: int) -> str:
+        if prompt.endswith(ASSISTANT_HEADER):  # stage 4: a long answer, then another turn
+            return f"{GOOD} (seed {seed % 97})\n\n### User\nAnd more?\n\n### Assistant\nYes, more."
+        return fake(prompt, seed)
+
+    url, seen, httpd = serve_completions(respond)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    verbose_sampling = {"temperature": 0.3, "top_p": 0.7, "max_tokens": 64,
+                        "ngram_penalties": {1: 0.5}, "stop": ["\n### User", "\n### Assistant"]}  # fmt: skip
+    config = write_config(
+        tmp_path, tiny_model_dir,
+        **{"model.backend": "openai", "model.base_url": url, "model.tokenizer": str(tiny_model_dir),
+           "model.concurrency": 4, "model.context": 16384, "verbose.sampling": verbose_sampling},
+    )  # fmt: skip
+    try:
+        code, text = run_cli(monkeypatch, capsys, "run", str(config), "--quiet")
+    finally:
+        httpd.shutdown()
+    assert code == 0, text
+    run = tmp_path / "run"
+    stage4 = [b for b in seen if b["prompt"].endswith(ASSISTANT_HEADER)]
+    system = verbose_system_prompt(load_constitution("default").identity)
+    assert stage4 and all(b["prompt"].startswith(system + "\n\n### User\n") for b in stage4)
+    assert all(b["stop"] == verbose_sampling["stop"] for b in stage4)
+    kept = read_jsonl(run / "4_verbose/verbose.jsonl")
+    assert kept and all(r["output"].startswith(GOOD) and "###" not in r["output"] for r in kept)
+    assert (run / "4_verbose/model/model.safetensors").is_file()

@@ -1,6 +1,12 @@
 """The `selfalign` command line: a thin shell over the stage modules.
 
-Every user mistake surfaces as a `UserError` and is printed as one line, exit status 2.
+Exit status and the last line on stderr (`main`):
+    0    done
+    1    a failure: one line (the exception, or for a full disk the file and the space left) and
+         the log holding its traceback (RUN/logs/TIME.log for `run`, else a temp file);
+         `selfalign --debug ...` also prints the traceback
+    2    a user error (`UserError`, a bad option, a run directory in use): one line saying what to do
+    130  Ctrl-C: "interrupted; rerun to resume"
 """
 
 from __future__ import annotations
@@ -8,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,8 +46,11 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On a failure, print the full traceback too.")
+    ] = False,
 ) -> None:
-    pass
+    pass  # --debug is read by `main`, which reports the failure after the command is gone
 
 
 def _require_model(data: dict[str, Any]) -> dict[str, Any]:
@@ -103,21 +113,64 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    from selfalign.run.lock import release_held
+
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = _run(debug="--debug" in _root_options(sys.argv[1:]))
+    finally:
+        release_held()  # a stage command's out dir (the process's exit would drop it too)
+    if code == INTERRUPTED:
+        typer.echo("interrupted; rerun to resume", err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _run(debug: bool) -> int | None:
+    """The command's exit status; a user error is printed here, other failures by `_failed`."""
+    try:
+        # without standalone mode, typer turns Ctrl-C (and `typer.Exit`) into a returned status
+        return app(standalone_mode=False)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        return 2
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        return INTERRUPTED
     except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (
-        typer.TyperException
-    ) as e:  # usage errors (unknown option, bad value) in non-standalone mode
+        return e.exit_code
+    except typer.TyperException as e:  # usage errors (unknown option, bad value)
         if not hasattr(e, "show"):
             raise
         e.show()
-        sys.exit(getattr(e, "exit_code", 2))
+        return getattr(e, "exit_code", 2)
+    except Exception as e:
+        return _failed(e, debug)
+
+
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def _root_options(args: list[str]) -> list[str]:
+    """The options before the command name (`selfalign --debug run ...`)."""
+    options = []
+    for arg in args:
+        if not arg.startswith("-"):
+            break
+        options.append(arg)
+    return options
+
+
+def _failed(error: Exception, debug: bool) -> int:
+    """One line on stderr for a failure that is not the user's: the exception (or the full disk)
+    and where its traceback is; exit status 1."""
+    from selfalign.run.failures import disk_full, failure_reason, log_failure, logged
+
+    if debug:
+        traceback.print_exception(error)
+    parts = [failure_reason(error)]
+    parts += [str(note).splitlines()[0] for note in getattr(error, "__notes__", []) if str(note)]
+    if disk_full(error) is None:
+        log = logged(error) or log_failure(error)
+        parts.append(f"traceback in {log}" if log else "no log written")
+    typer.echo("error: " + "; ".join(parts), err=True)
+    return 1

@@ -27,6 +27,7 @@ from selfalign.cli.options import (
     sampling_flags,
 )
 from selfalign.generation import BackendConfig
+from selfalign.run.lock import hold_out_dir
 from selfalign.stages.stage1_instructions import Stage1Config
 
 CONFIG_HELP = "YAML with model: and stage-1 sections (self_instruct:, topics:, ...)."
@@ -84,6 +85,7 @@ def self_instruct(out_dir: OutDirOpt, cfg: Stage1File, shard: ShardOpt = None) -
 
     shard_ = parse_shard(shard)
     self_instruct_inputs(cfg.self_instruct)  # bad files fail before the model loads
+    hold_out_dir(out_dir, shard)
     counts = run_self_instruct(cfg.self_instruct, _backend(cfg), out_dir, shard=shard_)
     _summary(counts, out_dir)
 
@@ -99,6 +101,7 @@ def topics(out_dir: OutDirOpt, cfg: Stage1File) -> None:
     from selfalign.stages.stage1_instructions import run_topics, topics_inputs
 
     topics_inputs(cfg.topics)  # bad files fail before the model loads
+    hold_out_dir(out_dir)
     _summary(run_topics(cfg.topics, _backend(cfg), out_dir), out_dir)
 
 
@@ -114,6 +117,7 @@ def questions(out_dir: OutDirOpt, cfg: Stage1File, shard: ShardOpt = None) -> No
 
     shard_ = parse_shard(shard)
     questions_inputs(cfg.questions, out_dir)  # bad files fail before the model loads
+    hold_out_dir(out_dir, shard)
     _summary(run_questions(cfg.questions, _backend(cfg), out_dir, shard=shard_), out_dir)
 
 
@@ -124,6 +128,7 @@ def merge_instructions(out_dir: OutDirOpt, cfg: Stage1File) -> None:
     """Merge self-instruct and TGRT outputs (all shards) into instructions.jsonl."""
     from selfalign.stages.stage1_instructions import run_merge
 
+    hold_out_dir(out_dir)
     _summary(run_merge(cfg.merge, out_dir), out_dir)
 
 

@@ -77,7 +77,7 @@ def _print_samples(run: Path, n: int = 2) -> None:
 
 
 def status(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
-    """Print a run's manifest as a table."""
+    """Print a run's manifest as a table (a stage whose process died reads `interrupted`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -92,7 +92,8 @@ def status(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     table = Table(title=f"{run}")
     for column in ("stage", "status", "seconds", "counts"):
         table.add_column(column)
-    colours = {"done": "green", "failed": "red", "running": "yellow", "stale": "magenta"}
+    colours = {"done": "green", "failed": "red", "interrupted": "red", "running": "yellow",
+               "stale": "magenta"}  # fmt: skip
     for name, stage in manifest.get("stages", {}).items():
         state = stage.get("status", "pending")
         counts = ", ".join(

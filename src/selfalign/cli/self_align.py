@@ -27,6 +27,7 @@ from selfalign.cli.options import (
     sampling_flags,
 )
 from selfalign.generation import BackendConfig
+from selfalign.run.lock import hold_out_dir
 from selfalign.stages.stage2_self_align import SelfAlignConfig
 from selfalign.text.constitution import Identity
 
@@ -81,6 +82,7 @@ def self_align(
 
     stage = _with_identity(cfg.self_align, identity)
     check_inputs(stage, instructions)  # bad files fail before the model loads
+    hold_out_dir(out_dir, shard)
     if finalize:
         stats = finalize_self_align(stage, instructions, out_dir)
     else:

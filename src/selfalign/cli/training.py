@@ -26,6 +26,7 @@ from selfalign.cli.options import (
 from selfalign.config import build_config
 from selfalign.errors import UserError
 from selfalign.generation import BackendConfig
+from selfalign.run.lock import hold_out_dir
 from selfalign.stages.stage3_engrave import TrainConfig
 from selfalign.stages.stage4_verbose import VerboseConfig
 from selfalign.text.constitution import Identity
@@ -107,6 +108,7 @@ def engrave(
     from selfalign.stages.stage3_engrave import run_engrave
 
     released = _identity(_load_constitution(constitution), identity)
+    hold_out_dir(out)
     stats = run_engrave(cfg, data, out, released, constitution=_constitution_label(constitution))
     typer.echo(_train_summary(out, stats), err=True)
 
@@ -171,6 +173,7 @@ def verbose_clone(
         raise UserError(
             f"--base: {engraved.model} does not say which base model it came from; pass --base"
         )
+    hold_out_dir(out)
     _verbose_answers(engraved, stage, data, out, released, identity_data)
     if generate_only:
         return
@@ -204,17 +207,15 @@ def _verbose_answers(
 ) -> None:
     """Generate and filter the verbose answers (out/verbose.jsonl); print the funnel."""
     from selfalign.generation import load_backend
-    from selfalign.modeling import load_tokenizer
     from selfalign.stages.stage4_verbose import run_verbose
 
     backend = load_backend(engraved)
     try:
-        tokenizer = (
-            backend.tokenizer if backend.tokenizer is not None else load_tokenizer(engraved.model)
-        )
+        # the prompts are written with the engraved model's own chat template, whatever serves it
         counts = run_verbose(
-            stage, backend, data, out, constitution, identity_data, tokenizer=tokenizer
-        )
+            stage, backend, data, out, constitution, identity_data,
+            engraved=engraved.tokenizer or engraved.model,
+        )  # fmt: skip
     finally:
         backend.close()
     reasons = ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items()) or "none"

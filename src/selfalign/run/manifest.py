@@ -2,13 +2,16 @@
 
 `RUN/manifest.json`:
     {"stages": {NAME (per stage of the registry, in order):
-                 {"status": "pending|running|done|failed|stale", "counts": {...}, "seconds": ...,
-                  "outputs": [...], "config_hash": ..., "settings": {...}, "error": ...}},
+                 {"status": "pending|running|done|failed|interrupted|stale", "counts": {...},
+                  "seconds": ..., "outputs": [...], "config_hash": ..., "settings": {...},
+                  "error": ...}},
      "versions": {...}, "seed": ..., "config_hash": ...}
 
 A stage's `config_hash` covers its own settings and every upstream stage's, so changing stage 1
 invalidates everything after it. `stale`: done once, but an earlier stage was redone since.
-Written atomically after every change.
+`interrupted`: stopped by Ctrl-C, or, decided when the manifest is read, left `running` by a
+process that no longer holds the run's lock (`selfalign.run.lock`: it was killed). Written
+atomically after every change.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from selfalign.errors import UserError
 from selfalign.jsonl import write_text_atomic
+from selfalign.run.lock import holder
 
 
 def config_hash(data: Any) -> str:
@@ -58,9 +62,9 @@ class Manifest:
         entry.update(status="done", counts=counts, outputs=outputs, seconds=round(seconds, 2))
         self.save()
 
-    def fail(self, name: str, error: str, seconds: float) -> None:
+    def fail(self, name: str, error: str, seconds: float, status: str = "failed") -> None:
         entry = self.stage(name)
-        entry.update(status="failed", error=error, seconds=round(seconds, 2))
+        entry.update(status=status, error=error, seconds=round(seconds, 2))
         self.save()
 
     def reset(self, name: str) -> None:
@@ -80,4 +84,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
             "(done stages are then redone, resuming from their files where they can)"
         ) from None
     data.setdefault("stages", {})
+    _interrupted(data, path.parent)
     return data
+
+
+def _interrupted(data: dict[str, Any], run: Path) -> None:
+    """A stage still `running` in a run nobody holds lost its process (SIGKILL, a reboot): it
+    reads as `interrupted`; a rerun resumes it like any unfinished stage."""
+    running = [
+        s for s in data["stages"].values() if isinstance(s, dict) and s.get("status") == "running"
+    ]
+    if running and holder(run) is None:
+        for entry in running:
+            entry.update(
+                status="interrupted", error="its process stopped (killed?); rerun to resume"
+            )

@@ -39,6 +39,8 @@ from selfalign.errors import UserError
 from selfalign.generation import Backend, BackendConfig, load_backend
 from selfalign.generation.records import ResumeMismatch
 from selfalign.jsonl import read_jsonl, write_text_atomic
+from selfalign.run.failures import disk_full, failure_reason, log_failure, unexpected
+from selfalign.run.lock import DirLock
 from selfalign.run.manifest import Manifest, config_hash
 from selfalign.run.registry import STAGE, STAGES, Stage, names, producers
 from selfalign.stages.stage2_self_align import stage_constitution
@@ -320,6 +322,7 @@ class Pipeline:
         self.constitution = stage_constitution(cfg.self_align)
         self._backend: Backend | None = None
         self._backend_model: str | None = None
+        self._lock: DirLock | None = None  # held by `execute`
 
     def dir(self, stage: str) -> Path:
         return STAGE[stage].path(self.run)
@@ -369,22 +372,45 @@ class Pipeline:
     # running ------------------------------------------------------------------------------------
 
     def execute(self, stages: list[str] | None = None, force: Iterable[str] = ()) -> Manifest:
-        self.run.mkdir(parents=True, exist_ok=True)
-        manifest = Manifest.load(self.run, names())
-        todo = self.plan(manifest, stages or names(), force)
-        # only a run that is going ahead records its settings (a refused one leaves them as they were)
-        write_text_atomic(self.run / "config.yaml", dump_config(self.cfg))
-        manifest.data.update(
-            versions=versions(), seed=self.cfg.seed, config_hash=config_hash(self.cfg.model_dump())
-        )
-        self._mark_stale(manifest, todo)
-        manifest.save()
-        try:
-            for item in todo:
-                self._run_stage(manifest, item)
-        finally:
-            self.release()
+        # one process per run directory: a second one would redo the same work into the same
+        # files; the lock is taken before the manifest is read, so the plan sees settled state
+        with DirLock(self.run, reserve=True) as self._lock:
+            manifest = Manifest.load(self.run, names())
+            todo = self.plan(manifest, stages or names(), force)
+            # only a run that is going ahead records its settings (a refused one leaves them)
+            write_text_atomic(self.run / "config.yaml", dump_config(self.cfg))
+            manifest.data.update(
+                versions=versions(), seed=self.cfg.seed,
+                config_hash=config_hash(self.cfg.model_dump()),
+            )  # fmt: skip
+            self._mark_stale(manifest, todo)
+            manifest.save()
+            try:
+                for item in todo:
+                    self._run_stage(manifest, item)
+            finally:
+                self.release()
         return manifest
+
+    def _record_failure(
+        self, manifest: Manifest, stage: Stage, error: BaseException, seconds: float
+    ) -> None:
+        """The manifest says in one line why the stage stopped: `interrupted` (Ctrl-C), the disk
+        that filled (the run's reserve is given back first, so this write fits), or the error and
+        the log of its traceback. If even that cannot be written, the error says so."""
+        reason = failure_reason(error)
+        if unexpected(error) and (log := log_failure(error, self.run)):
+            reason += f" (traceback in {log})"
+        if disk_full(error) is not None and self._lock is not None:
+            self._lock.free_reserve()
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        try:
+            manifest.fail(stage.name, reason, seconds, status)
+        except OSError as e:
+            error.add_note(f"{manifest.path} could not record it: {e.strerror or e}")
+        # the reason itself is the command's last line (`error: ...`): said once, not twice
+        self.events("stage_failed", f"[{stage.name}] {status}", stage=stage.name, status=status,
+                    reason=reason)  # fmt: skip
 
     def _mark_stale(self, manifest: Manifest, todo: list[_Todo]) -> None:
         """From the first redone stage on, no earlier output matches its inputs any more: mark
@@ -414,10 +440,7 @@ class Pipeline:
         except BaseException as e:
             if isinstance(e, ResumeMismatch):  # a raw file made from other prompts: redo the stage
                 e.restart_hint = f"rerun with --force {stage.name}"
-            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            first = message.splitlines()[0] if message.strip() else type(e).__name__
-            manifest.fail(stage.name, first, time.perf_counter() - started)
-            self.events("stage_failed", f"[{stage.name}] failed: {first}", stage=stage.name)
+            self._record_failure(manifest, stage, e, time.perf_counter() - started)
             raise
         seconds = time.perf_counter() - started
         manifest.finish(

@@ -118,7 +118,6 @@ def _engrave(p: Pipeline) -> Outputs:
 
 
 def _verbose(p: Pipeline) -> Outputs:
-    from selfalign.modeling import load_tokenizer
     from selfalign.stages.stage4_verbose import run_final_sft, run_verbose
 
     out, engraved = p.dir("verbose"), p.dir("engrave") / "model"
@@ -129,8 +128,7 @@ def _verbose(p: Pipeline) -> Outputs:
         p.run / STAGE["verbose"].inputs[0],
         out,
         p.constitution,
-        # the prompt is rendered with the engraved model's chat template, whatever serves it
-        tokenizer=backend.tokenizer or load_tokenizer(str(engraved)),
+        engraved=engraved,  # its chat template writes the prompts, whatever serves the model
     )
     p.release()
     stats = run_final_sft(

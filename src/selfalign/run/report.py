@@ -31,7 +31,8 @@ h2{margin:0 0 12px;font-size:18px}.grid{display:flex;flex-wrap:wrap;gap:16px}
 .grid figure{margin:0;flex:1 1 360px}img{max-width:100%;height:auto}
 table{border-collapse:collapse;width:100%;font-size:13px}td,th{border-bottom:1px solid #e4e7ef;padding:6px 8px;
 text-align:left;vertical-align:top}th{background:#f0f2f8}.done{color:#138a36;font-weight:600}
-.failed{color:#c62828;font-weight:600}.running{color:#b26a00;font-weight:600}.pending{color:#777}
+.failed,.interrupted{color:#c62828;font-weight:600}.running{color:#b26a00;font-weight:600}
+.pending{color:#777}.stale{color:#8e44ad;font-weight:600}
 pre{white-space:pre-wrap;font-size:12px;background:#f6f7fb;padding:10px;border-radius:6px;max-height:420px;overflow:auto}
 .cell{max-height:140px;overflow:auto;white-space:pre-wrap}.muted{color:#777}
 """

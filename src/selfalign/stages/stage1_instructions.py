@@ -386,10 +386,28 @@ def parse_self_instruct(completion: str, num_examples: int, finish_reason: str) 
         if len(parts) != 5 or parts[1] != "Instruction" or parts[3] != "Input":
             out.append(Candidate(b, reason="unparseable", text=block))
             continue
-        given = parts[4].strip()
+        # a model continuing Alpaca's format adds "N. Output: ..."; the output is not wanted
+        given = re.split(rf"\n[ \t]*{first + b}\.\s+Output:", parts[4])[0].strip()
         given = "" if given.lower() == "<noinput>" else given
         out.append(Candidate(b, parts[2].strip(), given, text=block))
     return out
+
+
+# rejections of parsing (the candidate has no instruction), as opposed to the filters'
+PARSE_REASONS = ("truncated", "unparseable")
+
+
+def screen_self_instruct(
+    completion: str, finish_reason: str, cfg: SelfInstructConfig, blocklist: Sequence[re.Pattern]
+) -> list[Candidate]:
+    """`parse_self_instruct`, then `check_instruction` on each parsed candidate: every candidate
+    with its rejection reason or None (the ROUGE-L novelty filter comes after, per round)."""
+    candidates = parse_self_instruct(completion, cfg.num_prompt_instructions, finish_reason)
+    for c in candidates:
+        c.reason = c.reason or check_instruction(
+            c.instruction, c.input, cfg.min_words, cfg.max_words, blocklist
+        )
+    return candidates
 
 
 def check_instruction(
@@ -450,14 +468,8 @@ def run_self_instruct(
     pool = NoveltyPool(cfg.similarity_threshold, [t["instruction"] for t in seeds])
 
     def tally(row: dict) -> tuple[int, int]:  # parse + cheap filters (novelty comes per round)
-        candidates = parse_self_instruct(
-            row["completion"], cfg.num_prompt_instructions, row["finish_reason"]
-        )
-        return verdicts(
-            c.reason
-            or check_instruction(c.instruction, c.input, cfg.min_words, cfg.max_words, blocklist)
-            for c in candidates
-        )
+        candidates = screen_self_instruct(row["completion"], row["finish_reason"], cfg, blocklist)
+        return verdicts(c.reason for c in candidates)
 
     kept: list[dict] = []
     rejected: list[dict] = []
@@ -515,22 +527,17 @@ def _filter_round(batch, cfg, blocklist, pool: NoveltyPool, kept, rejected) -> t
     passed: list[dict] = []
     generated = parsed = 0
     for row in batch:
-        candidates = parse_self_instruct(
-            row["completion"], cfg.num_prompt_instructions, row["finish_reason"]
-        )
+        candidates = screen_self_instruct(row["completion"], row["finish_reason"], cfg, blocklist)
         generated += len(candidates)
         for c in candidates:
             key = f"{row['id']}-{c.index}"
-            if c.reason:
+            if c.reason in PARSE_REASONS:
                 rejected.append(_reject(SELF_INSTRUCT, c.reason, key, row["id"], text=c.text))
                 continue
             parsed += 1
             fields = {"instruction": c.instruction, "input": c.input}
-            reason = check_instruction(
-                c.instruction, c.input, cfg.min_words, cfg.max_words, blocklist
-            )
-            if reason:
-                rejected.append(_reject(SELF_INSTRUCT, reason, key, row["id"], **fields))
+            if c.reason:
+                rejected.append(_reject(SELF_INSTRUCT, c.reason, key, row["id"], **fields))
             else:
                 passed.append({"id": key, "prompt_id": row["id"], **fields})
     decisions = pool.filter([p["instruction"] for p in passed])

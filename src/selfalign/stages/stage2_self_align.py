@@ -25,14 +25,18 @@ filtering are pure functions; the answer filters are `selfalign.text.filters`, t
 applies too. Each rejection has a reason:
 
     no_answer, no_thoughts, no_self_identification   the completion does not follow the format
-    empty, truncated, apology, too_short, exemplar_leakage, no_citation
+    turn_header (the answer goes on with another turn before it is complete), empty, truncated,
+    tail_section, apology, too_short, internal_thoughts, exemplar_leakage, no_citation
 
-Cuts that keep an answer: at the next turn header, at the first repetition, and (opt-in)
-back to the last complete sentence of an answer stopped by the length limit. Defects of the
-original avoided here (each has a test): only the first token of one spelling of "Sorry" biased;
-answers cut by the length limit kept with a dangling partial word; exemplar leakage found with a
-hand list of words ("president", "weather") that also dropped good answers; identity rows
-without the fields training needs.
+Cuts that keep an answer: at the next turn header of any format the run knows (the
+constitution's speaker labels, under the prompt's and the released name, and the chat
+template's headers), at the first repetition, at encyclopedia tail sections, and (opt-in) back
+to the last complete sentence of an answer stopped by the length limit; then the constitution's
+`rewrites` (the paper's: "According to my knowledge from Wikipedia, here" -> "Here"), counted.
+Defects of the original avoided here (each has a test): only the first token of one spelling of
+"Sorry" biased; answers cut by the length limit kept with a dangling partial word; exemplar
+leakage found with a hand list of words ("president", "weather") that also dropped good answers;
+identity rows without the fields training needs.
 
 Sharding (`shard="i/n"`, 0-based): shard i answers instructions i, i+n, i+2n, ... into its own
 raw file. Every call then parses ALL raw files; once every instruction has a completion it writes
@@ -83,12 +87,14 @@ from selfalign.text.constitution import (
     render_prompt,
     user_text,
 )
-from selfalign.text.conversation import sharegpt_messages
+from selfalign.text.conversation import TEMPLATE_LABELS, sharegpt_messages
 from selfalign.text.filters import (
-    ExemplarLeakage,
+    AnswerRules,
     answer_rejection,
-    cut_at_turn_header,
     cut_repetition,
+    cut_turn,
+    normalise_newlines,
+    tidy_answer,
     turn_header_pattern,
     words,
 )
@@ -150,6 +156,16 @@ class SelfAlignConfig(BaseModel):
         "complete sentence (it is never kept with a dangling partial word).",
     )
     min_words: int = Field(3, ge=1, description="Answers with fewer words: too_short.")
+    min_chars: int = Field(
+        0,
+        ge=0,
+        description="Answers with fewer characters: too_short (the paper: 160; configs/paper.yaml).",
+    )
+    tail_sections: Literal["cut", "drop"] = Field(
+        "cut",
+        description="An answer ending in encyclopedia sections ('## See also', '## References'): "
+        "cut them off, or drop the answer (as the original's stage 4 did).",
+    )
     min_clause_words: int = Field(
         4, ge=2, description="A repeated clause (sentence or line) this long cuts the answer there."
     )
@@ -276,13 +292,15 @@ class Parsed:
     answer: str = ""
     principles: list[int] = field(default_factory=list)
     truncated: bool = False  # the answer still ends where the length limit stopped it
-    cuts: list[str] = field(default_factory=list)  # turn_marker, repetition, truncated_to_sentence
-    reason: str | None = None  # set when the completion does not follow the format
+    # turn_marker, repetition, truncated_to_sentence, tail_section
+    cuts: list[str] = field(default_factory=list)
+    reason: str | None = None  # the completion does not follow the format, or turn_header
 
 
 def turn_headers(c: Constitution) -> re.Pattern:
-    """A line opening a turn of the prompt ('User:', 'Orion (internal thoughts):', ...)."""
-    return turn_header_pattern(f"{label}:" for label in c.turn_labels())
+    """A line opening another turn: the constitution's speaker labels ('User:', 'Orion
+    (internal thoughts):', 'Dromedary:', ...) and the chat template's ('### User')."""
+    return turn_header_pattern([*c.speaker_labels(), *TEMPLATE_LABELS])
 
 
 def parse_completion(
@@ -291,16 +309,18 @@ def parse_completion(
     """Split what follows the thoughts cue into thoughts and answer.
 
     The answer starts after the answer label and ends at the next turn header (a user turn, new
-    thoughts, an auto reply, another answer); the thoughts must open with the constitution's
-    self-identification sentence. The answer gets the repetition cut here too.
+    thoughts, an auto reply, another answer, a chat-template header); it is `turn_header` when
+    what precedes the header is not a complete answer. The thoughts must open with the
+    constitution's self-identification sentence. The answer gets the repetition cut here too.
     """
+    completion = normalise_newlines(completion)
     headers = turn_headers(c)
     first = headers.search(completion)
     thoughts = completion[: first.start() if first else len(completion)].strip()
     if first is None or first.group(1) != f"{c.label('answer')}:":
         return Parsed(thoughts=thoughts, reason="no_answer" if thoughts else "no_thoughts")
     parsed = Parsed(thoughts=thoughts, truncated=finish_reason == "length")
-    parsed.answer, cut = cut_at_turn_header(completion[first.end() :], headers)
+    parsed.answer, cut, incomplete = cut_turn(completion[first.end() :], headers)
     if cut:
         parsed.cuts.append("turn_marker")
         parsed.truncated = False  # the length limit struck after the turn ended
@@ -312,6 +332,9 @@ def parse_completion(
         parsed.reason = "no_self_identification"
         return parsed
     parsed.principles = find_citations(thoughts, c.principles)
+    if incomplete:
+        parsed.reason = incomplete.reason
+        return parsed
     answer, cut = cut_repetition(parsed.answer, min_clause_words)
     if cut:
         parsed.answer, parsed.truncated = answer, False
@@ -357,18 +380,27 @@ class Verdict:
     output: str = ""
     detail: str = ""  # e.g. the leaked phrase
     renamed: bool = False  # the codename was replaced by the released name
+    rewrites: Counter[str] = field(default_factory=Counter)  # rewrite pattern -> applications
+
+
+def answer_rules(c: Constitution, cfg: SelfAlignConfig) -> AnswerRules:
+    """The answer filters of stage 2 (shared with stage 4), built once per run."""
+    return AnswerRules.from_constitution(
+        c, min_words=cfg.min_words, min_chars=cfg.min_chars, tails=cfg.tail_sections,
+        leak_ngram=cfg.leak_ngram, leak_min_distinctive=cfg.leak_min_distinctive,
+    )  # fmt: skip
 
 
 def judge(
     c: Constitution,
     cfg: SelfAlignConfig,
-    leakage: ExemplarLeakage,
+    rules: AnswerRules,
     completion: str,
     finish_reason: str,
     question: str = "",
 ) -> Verdict:
-    """Parse one completion and apply every answer filter; the kept answer has the codename
-    replaced by the released name."""
+    """Parse one completion and apply every answer filter (`rules`: `answer_rules(c, cfg)`);
+    the kept answer has the codename replaced by the released name."""
     parsed = parse_completion(c, completion, finish_reason, cfg.min_clause_words)
     if parsed.reason:
         return Verdict(parsed.reason, parsed)
@@ -381,25 +413,31 @@ def judge(
             return Verdict("truncated", parsed)
         answer = shorter
         parsed.cuts.append("truncated_to_sentence")
-    if rejection := answer_rejection(answer, question, cfg.min_words, leakage):
+    tidied = tidy_answer(answer, rules)
+    if tidied.rejection:
+        return Verdict(tidied.rejection.reason, parsed)
+    parsed.cuts += tidied.cuts
+    answer = tidied.text
+    if rejection := answer_rejection(answer, question, rules):
         return Verdict(rejection.reason, parsed, detail=rejection.detail)
     if cfg.require_citation and not parsed.principles:
         return Verdict("no_citation", parsed)
     output = replace_name(answer, c.codename or "", c.identity.name)
-    return Verdict(None, parsed, output=output, renamed=output != answer)
+    return Verdict(None, parsed, output, renamed=output != answer, rewrites=tidied.rewrites)
 
 
 def filter_completions(
     c: Constitution, cfg: SelfAlignConfig, raw: Sequence[dict[str, Any]]
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Raw generation records -> (aligned rows, rejected rows, counts)."""
-    leakage = ExemplarLeakage.from_constitution(c, cfg.leak_ngram, cfg.leak_min_distinctive)
+    rules = answer_rules(c, cfg)
     kept, rejected = [], []
     cuts: Counter[str] = Counter()
+    rewrites: Counter[str] = Counter()
     renamed = 0
     for r in raw:
         question = user_text(r["instruction"], r.get("input") or "")
-        v = judge(c, cfg, leakage, r["completion"], r.get("finish_reason", "stop"), question)
+        v = judge(c, cfg, rules, r["completion"], r.get("finish_reason", "stop"), question)
         if v.reason:
             rejected.append(
                 {
@@ -411,6 +449,7 @@ def filter_completions(
             )  # fmt: skip
             continue
         cuts.update(v.parsed.cuts)
+        rewrites.update(v.rewrites)
         renamed += v.renamed
         kept.append(
             sft_row(r["id"], r["instruction"], r.get("input") or "", v.output,
@@ -422,6 +461,7 @@ def filter_completions(
         "kept": len(kept),
         "rejected": dict(Counter(r["reason"] for r in rejected).most_common()),
         "cuts": dict(cuts.most_common()),
+        "rewrites": dict(rewrites.most_common()),
         "renamed": renamed,
         "citations": citation_histogram(c, kept),
         "no_citation": sum(1 for r in kept if not r["principles"]),
@@ -622,12 +662,12 @@ def run_self_align(
     mine = rows[shard.index :: shard.count]
     bias = apology_bias(cfg, backend)
     params = sampling_params(cfg, c, bias)
-    leakage = ExemplarLeakage.from_constitution(c, cfg.leak_ngram, cfg.leak_min_distinctive)
+    rules = answer_rules(c, cfg)
 
     def tally(r: dict[str, Any]) -> tuple[int, int]:  # the final filters, for the progress bar
         question = user_text(r["instruction"], r.get("input") or "")
         return verdicts(
-            [judge(c, cfg, leakage, r["completion"], r["finish_reason"], question).reason]
+            [judge(c, cfg, rules, r["completion"], r["finish_reason"], question).reason]
         )
 
     # in chunks: the backend tokenizes its whole job at once, and the prompts are long

@@ -6,18 +6,29 @@ questions) under a verbose system prompt, an "extensive" mode asking for thoroug
 multi-aspect answers. The verbose prompt is then distilled away: the final model is trained on
 (instruction, verbose answer) with the short system prompts of `selfalign.text.conversation`.
 
-Reads:  aligned.jsonl (stage 2: id, instruction, input, ...), identity.jsonl (optional, same fields)
+Reads:  aligned.jsonl (stage 2: id, instruction, input, ...), identity.jsonl (optional, same
+        fields), and the engraved model's directory: its tokenizer and chat template write the
+        prompts, whichever backend serves the model (an OpenAI-compatible server included)
 Writes: verbose.raw.jsonl   every completion (resume: ids already there are not regenerated)
         verbose.jsonl       id, instruction, input, output, source, source_id
         rejected.jsonl      every rejected completion with its `reason`
         model/              the final model (same outputs as `selfalign engrave`)
 
-An answer that goes on with a made-up next turn ("### User") is cut there (counted in `cuts`).
-Filters, each with a reason, in this order: truncated (cut by the length limit), echo_prompt (the
-answer repeats the question), echo_system (it recites the verbose prompt), repetition, then the
-ones stage 2 applies too (`selfalign.text.filters`): apology, too_short, exemplar_leakage (it
-copies a distinctive passage of a constitution exemplar into an answer on another topic; found
-from the constitution, so an answer that merely mentions "the weather" or "a president" is kept).
+A verbose prompt that writes turns of its own (the original `verbose_dromedary_prompt.txt` ends
+in "### User" after an example turn labelled "### Dromedary (extensive)") has its labels read
+from its text: the answer is generated after its assistant label instead of the template's
+"### Assistant" (the model is put in its "extensive" mode, as in the original), and its labels
+are stop strings and turn headers.
+
+An answer that goes on with another turn (a chat-template header, a label of the verbose
+prompt, a speaker label of the constitution) is cut there when what precedes is complete, else
+rejected as turn_header; tail sections ("## See also") are cut; the constitution's rewrites are
+applied (all counted in `cuts`/`rewrites`). Filters, each with a reason, in this order:
+turn_header, truncated (cut by the length limit), tail_section, echo_prompt (the answer repeats
+the question), echo_system (it recites the verbose prompt), repetition, then the ones stage 2
+applies too (`selfalign.text.filters`): apology, too_short, internal_thoughts, exemplar_leakage
+(it copies a distinctive passage or a canned reply of a constitution exemplar into an answer on
+another topic, so an answer that merely mentions "the weather" or "a president" is kept).
 
 Every verbose prompt starts with the same text (the verbose system prompt in the chat template),
 so a backend that detects a shared prefix computes it once per batch.
@@ -28,7 +39,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,22 +50,25 @@ from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.stages.stage3_engrave import run_engrave
 from selfalign.text.constitution import Constitution, Identity
 from selfalign.text.conversation import (
-    ASSISTANT_HEADER,
+    TEMPLATE_LABELS,
     TURN_STOPS,
-    USER_HEADER,
+    PromptLabels,
+    prompt_labels,
     prompt_messages,
     prompt_text,
     render_prompt,
     user_text,
 )
 from selfalign.text.filters import (
-    ExemplarLeakage,
+    AnswerRules,
     Rejection,
     answer_rejection,
-    cut_at_turn_header,
+    cut_turn,
     find_repetition,
     ngrams,
     normalise,
+    normalise_newlines,
+    tidy_answer,
     turn_header_pattern,
     words,
 )
@@ -83,6 +97,22 @@ def verbose_system_prompt(identity: Identity, spec: str | None = None) -> str:
     return prompt_text(
         spec or "extensive", identity, {"extensive": VERBOSE_PROMPT}, "verbose prompt"
     )
+
+
+def verbose_labels(identity: Identity, spec: str | None = None) -> PromptLabels:
+    """The turn labels the verbose prompt writes itself, read from its text (ours: none; the
+    original's: '### User' and '### Dromedary (extensive)', the latter its answer label)."""
+    return prompt_labels(
+        spec or "extensive", identity, {"extensive": VERBOSE_PROMPT}, "verbose prompt"
+    )
+
+
+def verbose_sampling(cfg: VerboseConfig, labels: PromptLabels) -> SamplingParams:
+    """cfg.sampling, also stopping where the model starts a turn under a label of the verbose
+    prompt ('\\n### Dromedary (extensive)')."""
+    label_stops = [f"\n{label}" for label in labels.labels]
+    stops = list(dict.fromkeys([*cfg.sampling.stop, *label_stops]))
+    return cfg.sampling.model_copy(update={"stop": stops})
 
 
 def _verbose_sampling() -> SamplingParams:
@@ -116,6 +146,16 @@ class VerboseConfig(BaseModel):
         None, ge=1, description="Use only the first N stage-2 instructions (None: all)."
     )
     min_words: int = Field(20, ge=0, description="Reject answers with fewer words (too_short).")
+    min_chars: int = Field(
+        0,
+        ge=0,
+        description="Reject answers with fewer characters (too_short; the original: 128).",
+    )
+    tail_sections: Literal["cut", "drop"] = Field(
+        "cut",
+        description="An answer ending in encyclopedia sections ('## See also', '## External "
+        "links'): cut them off, or drop the answer (the original dropped it).",
+    )
     echo_ngram: int = Field(
         8,
         ge=3,
@@ -172,22 +212,30 @@ def instruction_rows(
 def add_prompts(
     rows: list[dict[str, Any]], tokenizer, identity: Identity, verbose_prompt: str | None = None
 ) -> list[dict[str, Any]]:
-    """Each row with `prompt`: the verbose system prompt and the question in the chat template."""
+    """Each row with `prompt`: the verbose system prompt and the question in the chat template,
+    ending with the verbose prompt's own answer label when it has one."""
     system = verbose_system_prompt(identity, verbose_prompt)
+    label = verbose_labels(identity, verbose_prompt).answer
     return [
         {
             **row,
             "prompt": render_prompt(
-                tokenizer, prompt_messages(system, user_text(row["instruction"], row["input"]))
+                tokenizer,
+                prompt_messages(system, user_text(row["instruction"], row["input"])),
+                answer_label=label,
             ),
         }
         for row in rows
     ]
 
 
-# The chat template's turn headers: an answer that goes on with one is cut there, as the stop
-# strings (TURN_STOPS) cut it while generating.
-TURN_HEADERS = turn_header_pattern(header.strip() for header in (USER_HEADER, ASSISTANT_HEADER))
+class Checked(NamedTuple):
+    """What stage 4's filters made of one completion."""
+
+    answer: str
+    cuts: list[str]  # turn_marker, tail_section
+    rewrites: Counter[str]  # rewrite pattern -> applications
+    rejection: Rejection | None
 
 
 class AnswerFilters:
@@ -196,23 +244,41 @@ class AnswerFilters:
 
     def __init__(self, cfg: VerboseConfig, constitution: Constitution):
         self.cfg = cfg
-        system = verbose_system_prompt(constitution.identity, cfg.verbose_prompt)
+        identity = constitution.identity
+        system = verbose_system_prompt(identity, cfg.verbose_prompt)
         self.system_grams = set(ngrams(words(system), cfg.echo_ngram))
-        self.leakage = ExemplarLeakage.from_constitution(constitution, n=cfg.leak_ngram)
+        # every turn opener the run knows: the chat template's, the verbose prompt's own, and
+        # the constitution's speaker labels (stage 2's format)
+        labels = verbose_labels(identity, cfg.verbose_prompt).labels
+        self.headers = turn_header_pattern(
+            [*TEMPLATE_LABELS, *labels, *constitution.speaker_labels()]
+        )
+        self.rules = AnswerRules.from_constitution(
+            constitution, min_words=cfg.min_words, min_chars=cfg.min_chars,
+            tails=cfg.tail_sections, leak_ngram=cfg.leak_ngram,
+        )  # fmt: skip
 
-    def check(self, row: dict[str, Any]) -> tuple[str, bool, Rejection | None]:
-        """(the answer, whether it was cut at a made-up next turn, why it is rejected or None)."""
-        answer, cut = cut_at_turn_header(row["completion"], TURN_HEADERS)
-        return answer, cut, self._rejection(row, answer)
+    def check(self, row: dict[str, Any]) -> Checked:
+        """The answer (cut at another turn, tail sections cut, rewritten), its cuts and rewrites,
+        and why it is rejected (None: kept)."""
+        answer, cut, rejection = cut_turn(normalise_newlines(row["completion"]), self.headers)
+        cuts = ["turn_marker"] if cut else []
+        if rejection:
+            return Checked(answer, cuts, Counter(), rejection)
+        if not cut and row.get("finish_reason") == "length":  # a cut turn had ended before
+            return Checked(answer, cuts, Counter(), Rejection("truncated"))
+        tidied = tidy_answer(answer, self.rules)
+        if tidied.rejection:
+            return Checked(answer, cuts, Counter(), tidied.rejection)
+        rejection = self._rejection(row, tidied.text)
+        return Checked(tidied.text, cuts + tidied.cuts, tidied.rewrites, rejection)
 
     def reason(self, row: dict[str, Any]) -> str | None:
-        rejection = self.check(row)[2]
+        rejection = self.check(row).rejection
         return rejection.reason if rejection else None
 
     def _rejection(self, row: dict[str, Any], answer: str) -> Rejection | None:
         cfg = self.cfg
-        if row.get("finish_reason") == "length":
-            return Rejection("truncated")
         question = user_text(row["instruction"], row["input"])
         asked, said = words(question), words(answer)
         if len(asked) >= 4 and said[: len(asked)] == asked:
@@ -224,7 +290,7 @@ class AnswerFilters:
         )
         if repeats is not None:
             return Rejection("repetition")
-        return answer_rejection(answer, question, cfg.min_words, self.leakage)
+        return answer_rejection(answer, question, self.rules)
 
 
 REJECTED_FIELDS = (
@@ -245,21 +311,23 @@ def filter_answers(
     the copied phrase of a leak); counts as `run_verbose` returns them."""
     kept, rejected = [], []
     cuts: Counter[str] = Counter()
+    rewrites: Counter[str] = Counter()
     for row in generated:
-        answer, cut, rejection = filters.check(row)
-        if rejection:
+        checked = filters.check(row)
+        if checked.rejection:
             rejected.append(
                 {key: row[key] for key in REJECTED_FIELDS}
-                | {"reason": rejection.reason, "detail": rejection.detail}
+                | {"reason": checked.rejection.reason, "detail": checked.rejection.detail}
             )
             continue
-        cuts["turn_marker"] += cut
+        cuts.update(checked.cuts)
+        rewrites.update(checked.rewrites)
         kept.append(
             {
                 "id": row["id"],
                 "instruction": row["instruction"],
                 "input": row["input"],
-                "output": answer,
+                "output": checked.answer,
                 "source": row["source"],
                 "source_id": row["source_id"],
             }
@@ -270,7 +338,8 @@ def filter_answers(
         "kept": len(kept),
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-        "cuts": {k: v for k, v in cuts.items() if v},
+        "cuts": dict(sorted(cuts.items())),
+        "rewrites": dict(sorted(rewrites.items())),
     }
     return kept, rejected, counts
 
@@ -298,26 +367,31 @@ def run_verbose(
     constitution: Constitution,
     identity_path: str | Path | None = None,
     tokenizer=None,
+    *,
+    engraved: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate verbose answers with the engraved model behind `backend`, filter, write; counts.
 
     `constitution` is the one stage 2 used, carrying the released identity: the identity names
-    the assistant in the verbose prompt, the exemplars drive the leakage filter. `selfalign run`
-    and `selfalign verbose-clone` both pass it, so they keep the same answers.
+    the assistant in the verbose prompt, the exemplars drive the leakage filter. `engraved` is
+    the engraved model's directory: its tokenizer and chat template write the prompts, whatever
+    the backend (a server's own tokenizer may be the base model's). `selfalign run` and
+    `selfalign verbose-clone` both pass these, so they send the same prompts and keep the same
+    answers. `tokenizer` (already loaded, with the chat template) stands in for `engraved`.
     `identity_path` defaults to `identity.jsonl` next to `aligned_path` when it exists.
-    `tokenizer` (with the engraved model's chat template) defaults to `backend.tokenizer`.
-    Returns {generated, parsed, kept, rejected, rejected_by_reason, cuts}.
+    Returns {generated, parsed, kept, rejected, rejected_by_reason, cuts, rewrites}.
     """
-    check_backend(cfg, backend, tokenizer_given=tokenizer is not None)
+    check_backend(cfg, backend, tokenizer_given=True)
     out_dir = Path(out_dir)
     questions = _questions(cfg, aligned_path, identity_path)
-    tokenizer = tokenizer if tokenizer is not None else backend.tokenizer
+    tokenizer = tokenizer if tokenizer is not None else engraved_tokenizer(engraved)
     rows = add_prompts(questions, tokenizer, constitution.identity, cfg.verbose_prompt)
     filters = AnswerFilters(cfg, constitution)
+    labels = verbose_labels(constitution.identity, cfg.verbose_prompt)
     generated = generate_records(
         backend,
         rows,
-        cfg.sampling,
+        verbose_sampling(cfg, labels),
         out_dir / "verbose.raw.jsonl",
         cfg.seed,
         label="verbose answers",
@@ -359,6 +433,18 @@ def run_final_sft(
     )  # fmt: skip
 
 
+def engraved_tokenizer(engraved: str | Path | None):
+    """The engraved model's tokenizer, with the chat template it was trained with."""
+    from selfalign.modeling import load_tokenizer
+
+    if engraved is None:
+        raise UserError(
+            "verbose cloning needs the engraved model's tokenizer (for its chat template): "
+            "give the engraved model's directory"
+        )
+    return load_tokenizer(str(engraved))
+
+
 def check_backend(
     cfg: VerboseConfig,
     backend: Backend | Capabilities,
@@ -366,10 +452,11 @@ def check_backend(
     tokenizer_given: bool = False,
 ) -> None:
     """Refuse, in one line and before any work, a backend that cannot run stage 4 as configured:
-    the verbose prompts are written in the engraved model's chat template (unless the caller
-    brings the tokenizer), and the sampling (by default n-gram penalties of orders 3 and 4) must
-    be within the backend's controls. `section` is the config key of this stage ("" in a
-    stage-4 file); `backend` is a loaded backend or `capabilities(cfg.model)`."""
+    the sampling (by default n-gram penalties of orders 3 and 4) must be within the backend's
+    controls, and without `tokenizer_given` the backend must bring the engraved model's
+    tokenizer. `run_verbose` and `selfalign run` give it (`engraved_tokenizer`: the engraved
+    model's directory), so any backend will do for them. `section` is the config key of this
+    stage ("" in a stage-4 file); `backend` is a loaded backend or `capabilities(cfg.model)`."""
     what = "the engraved model's tokenizer (for its chat template)"
     needs = [] if tokenizer_given else [Need("verbose cloning", what=what)]
     sampling = ".".join(filter(None, [section, "sampling"]))

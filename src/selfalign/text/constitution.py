@@ -35,8 +35,12 @@ left alone, so code in exemplars is safe)::
             answer: "..."
           - user: "Thanks, that was clear."
             auto_reply: "..."    # a turn answered without internal thoughts
+    rewrites:                    # applied to every kept answer of stages 2 and 4, each counted
+      '\\bAccording to my knowledge from Wikipedia, here\\b': Here
 
 `render_prompt` is the one function that turns a constitution and an instruction into the prompt.
+`Constitution.speaker_labels` are the labels that open a turn of this format: an answer must never
+go on with one (`selfalign.text.filters`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ from selfalign.errors import UserError
 RAW_SUFFIXES = (".txt", ".md")
 YAML_SUFFIXES = (".yaml", ".yml")
 PLACEHOLDER = re.compile(r"\{(name|developer|knowledge_cutoff|cutoff_year)\}")
+# The paper's one rewrite of kept answers (its stage-2 merge script): the watson exemplar teaches
+# "According to my knowledge from Wikipedia, here is ...", a provenance the model cannot vouch
+# for, so it becomes "Here is ..." (the original rewrote it only at the very start of an answer;
+# here wherever it opens a phrase). Pattern -> replacement, as in a constitution's `rewrites:`
+# (the bundled default lists it too).
+PROVENANCE_REWRITE = {r"\bAccording to my knowledge from Wikipedia, here\b": "Here"}
 MONTHS = (
     "January February March April May June July August September October November December"
 ).split()
@@ -181,6 +191,11 @@ class Constitution(BaseModel):
     format: TurnFormat = Field(default_factory=TurnFormat, description="Turn labels.")
     principles: list[Principle] = Field(..., min_length=1, description="The numbered rules.")
     exemplars: list[Exemplar] = Field(default_factory=list, description="Example conversations.")
+    rewrites: dict[str, str] = Field(
+        default_factory=dict,
+        description="Pattern -> replacement applied to every kept answer (regular expressions, "
+        "'^' a line start; the replacement may use \\1 groups); each application is counted.",
+    )
     raw_prompt: str | None = Field(
         None, description="Set when loaded from a raw prompt text: used verbatim as the prompt."
     )
@@ -201,6 +216,15 @@ class Constitution(BaseModel):
     def turn_labels(self) -> list[str]:
         """Every label that opens a turn in the prompt ('User', 'Orion (internal thoughts)', ...)."""
         return [self.label(kind) for kind in TurnFormat.model_fields]
+
+    def speaker_labels(self) -> list[str]:
+        """Every turn opener of this format with its colon, under the prompt's name and under
+        the released one ('User:', 'Orion:', 'Dromedary (auto reply):', ...): a model trained on
+        the renamed answers may write either."""
+        shown = self.turn_labels()
+        name = re.compile(rf"(?<!\w){re.escape(self.prompt_name)}(?!\w)")
+        released = [name.sub(lambda _: self.identity.name, label) for label in shown]
+        return list(dict.fromkeys(f"{label}:" for label in shown + released))
 
     def principle(self, pid: int) -> Principle | None:
         return next((p for p in self.principles if p.id == pid), None)
@@ -240,6 +264,14 @@ def check_constitution(c: Constitution, source: str) -> Constitution:
                     )
     if "{cited}" not in c.citation:
         raise UserError(f"{source}: citation: must contain '{{cited}}' (got {c.citation!r})")
+    for pattern, replacement in c.rewrites.items():
+        try:
+            re.compile(pattern, re.MULTILINE).sub(replacement, "")
+        except (re.error, IndexError) as e:
+            raise UserError(
+                f"{source}: rewrites: {pattern!r} -> {replacement!r} is not a valid regular "
+                f"expression and replacement ({e}); escape special characters with a backslash"
+            ) from None
     return c
 
 
@@ -448,6 +480,7 @@ def parse_raw_prompt(text: str, source: str = "prompt") -> Constitution:
         format=TurnFormat(**labels),
         principles=principles,
         exemplars=exemplars,
+        rewrites=dict(PROVENANCE_REWRITE),
         raw_prompt=text,
     )
     return check_constitution(c, source)

@@ -28,9 +28,12 @@ template.
 
 A system prompt is given as a variant name (`standard`, `concise`), a prompt file (`.txt`, `.md`:
 e.g. the original Dromedary "prompt distill" files; a trailing `### User` label is dropped, the
-template writes it), or the text itself. SFT rows are `{id, instruction, input, output}`,
-`{id, messages: [{role, content}]}`, or ShareGPT `{id, conversations: [{from, value}]}` (the
-format of the original identity data).
+template writes it), or the text itself. A prompt that writes example turns of its own has its
+labels read from its text (`prompt_labels`): the original verbose prompt's `### Dromedary
+(extensive)` then replaces the template's `### Assistant` where the answer starts.
+
+SFT rows are `{id, instruction, input, output}`, `{id, messages: [{role, content}]}`, or
+ShareGPT `{id, conversations: [{from, value}]}` (the format of the original identity data).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import functools
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from selfalign.errors import UserError
 from selfalign.generation import row_seed
@@ -47,8 +50,10 @@ from selfalign.text.constitution import Identity, fill_identity, user_text
 
 USER_HEADER = "\n\n### User\n"
 ASSISTANT_HEADER = "\n\n### Assistant\n"
+# The template's turn labels, each on a line of its own: never part of an answer.
+TEMPLATE_LABELS = (USER_HEADER.strip(), ASSISTANT_HEADER.strip())
 # A model that writes the next turn header instead of EOS is cut there when generating.
-TURN_STOPS = ("\n### User", "\n### Assistant")
+TURN_STOPS = tuple(f"\n{label}" for label in TEMPLATE_LABELS)
 
 # Short system prompts (no principles: those are meant to be engraved in the weights).
 SYSTEM_PROMPTS = {
@@ -64,42 +69,76 @@ DEFAULT_VARIANT = "standard"
 PROMPT_FILE_SUFFIXES = (".txt", ".md")
 # the user label a raw prompt file ends with (the template writes its own)
 TRAILING_USER_LABEL = re.compile(r"\s*(?:#+\s*User|User:)\s*$")
+# a prompt file ending in a markdown user label ("### User") writes its turn labels at that level
+_TRAILING_MARKDOWN_USER = re.compile(r"(?:^|\n)[ \t]*(#+)[ \t]*User[ \t]*\Z")
 
 
 def prompt_text(spec: str, identity: Identity, named: dict[str, str], what: str) -> str:
     """A prompt given as a name in `named`, a prompt file, or the text itself; identity filled.
 
     A spec that looks like a path (a known suffix or a '/') must be a file, so a mistyped path is
-    an error rather than a system prompt that reads like a path.
+    an error rather than a system prompt that reads like a path. A file's trailing user label
+    is dropped (the chat template writes its own).
     """
+    text = _raw_prompt(spec, named, what)
+    if _is_file_spec(spec.strip()) and spec.strip() not in named:
+        text = TRAILING_USER_LABEL.sub("", text).strip()
+        if not text:
+            raise UserError(f"{what} {spec.strip()}: the file is empty")
+    return fill_identity(text, identity)
+
+
+def _is_file_spec(spec: str) -> bool:
+    return spec.endswith(PROMPT_FILE_SUFFIXES) or "/" in spec
+
+
+def _raw_prompt(spec: str, named: dict[str, str], what: str) -> str:
+    """The text `spec` names, as written: a name in `named`, a prompt file, or the text itself."""
     spec = spec.strip()
     if spec in named:
-        text = named[spec]
-    elif spec.endswith(PROMPT_FILE_SUFFIXES) or "/" in spec:
-        text = _read_prompt_file(spec, what)
-    elif " " in spec:
-        text = spec
-    else:
-        raise UserError(
-            f"{what} variant {spec!r}: choose from {', '.join(named)}, "
-            "or give a prompt file (.txt/.md) or the prompt text itself"
-        )
-    return fill_identity(text, identity)
+        return named[spec]
+    if _is_file_spec(spec):
+        return _read_prompt_file(spec, what)
+    if " " in spec:
+        return spec
+    raise UserError(
+        f"{what} variant {spec!r}: choose from {', '.join(named)}, "
+        "or give a prompt file (.txt/.md) or the prompt text itself"
+    )
 
 
 @functools.lru_cache(maxsize=32)
 def _read_prompt_file(spec: str, what: str) -> str:
     path = Path(spec).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{what} {spec}: file not found") from None
     except (IsADirectoryError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {spec}: cannot read it as text ({type(e).__name__})") from None
-    text = TRAILING_USER_LABEL.sub("", text).strip()
-    if not text:
-        raise UserError(f"{what} {spec}: the file is empty")
-    return text
+
+
+class PromptLabels(NamedTuple):
+    """The turn labels a prompt writes itself (e.g. the original verbose prompt's example turn)."""
+
+    labels: tuple[str, ...] = ()  # every label, each a line of its own: '### User', ...
+    answer: str | None = None  # the label of the assistant's turn: generation goes after it
+
+
+def prompt_labels(spec: str, identity: Identity, named: dict[str, str], what: str) -> PromptLabels:
+    """The turn labels of the prompt `spec` (see `prompt_text`), read from its text: a prompt
+    ending in a markdown user label ('### User') labels its turns at that heading level, and the
+    last other label before the end is the assistant's ('### Dromedary (extensive)'). A prompt
+    ending otherwise writes no turns of its own: ()."""
+    text = fill_identity(_raw_prompt(spec, named, what), identity).rstrip()
+    end = _TRAILING_MARKDOWN_USER.search(text)
+    if end is None:
+        return PromptLabels()
+    level = re.escape(end.group(1))
+    lines = rf"^[ \t]*({level}[ \t]+\S[^\n]*?)[ \t]*$"
+    found = [re.sub(r"[ \t]+", " ", m) for m in re.findall(lines, text, re.MULTILINE)]
+    answers = [label for label in found if label != found[-1]]  # found[-1]: the user's
+    return PromptLabels(tuple(dict.fromkeys(found)), answers[-1] if answers else None)
 
 
 def system_prompt(identity: Identity, variant: str = DEFAULT_VARIANT) -> str:
@@ -258,11 +297,15 @@ def prompt_messages(system: str | None, user: str) -> list[dict[str, str]]:
     return [*messages, {"role": "user", "content": user}]
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+def render_prompt(
+    tokenizer, messages: list[dict[str, str]], answer_label: str | None = None
+) -> str:
     """The chat-template text that asks for the next assistant turn, for a text-in backend.
 
     Backends tokenize prompts with the tokenizer's special tokens (it adds BOS itself), so a BOS
     the template wrote is dropped here: the token ids equal `apply_chat_template(tokenize=True)`.
+    `answer_label` (a prompt's own assistant label, e.g. '### Dromedary (extensive)') replaces
+    the template's '### Assistant' where the answer starts, so the model answers in that mode.
     """
     if not tokenizer.chat_template:
         raise UserError(
@@ -272,6 +315,14 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and _adds_bos(tokenizer):
         text = text[len(bos) :]
+    if answer_label is not None:
+        if not text.endswith(ASSISTANT_HEADER):
+            raise UserError(
+                f"the model's chat template does not end a prompt with {ASSISTANT_HEADER.strip()!r}, "
+                f"so the prompt's own label {answer_label!r} cannot take its place; use a model "
+                "trained by `selfalign engrave`, or a prompt that does not end in '### User'"
+            )
+        text = text[: -len(ASSISTANT_HEADER)] + f"\n\n{answer_label}\n"
     return text
 
 

@@ -7,14 +7,15 @@ Writes the model files into `out_dir` (the metadata files are `selfalign.trainin
     config.json, model.safetensors   the merged model (LoRA folded into the base)
     tokenizer files, chat_template.jinja, generation_config.json (EOS and padding set)
     training_log.jsonl               step, loss, learning_rate, tokens_per_second, epoch
-    checkpoints/                     while training, with selfalign_fingerprint.txt (resume)
+    checkpoints/                     while training (see `selfalign.training.checkpoints`)
 
 `train` runs the steps top to bottom, each a function below it:
   1. data      each row -> a conversation with a seeded system prompt; the cut-off applied, counted
   2. schedule  gradient accumulation, steps and warm-up from the effective batch size
   3. model     the base (4-bit for qlora), seeded before the LoRA weights are drawn
   4. train     TRL's SFTTrainer, loss on the assistant tokens only (EOS included, so the model
-               learns to stop); resumes from the last checkpoint of the same fingerprint
+               learns to stop); resumes from the last complete checkpoint of the same
+               fingerprint; stats (steps, loss, log) are the whole run's, resumed or not
   5. save      adapter or full model, tokenizer and template, merge, generation config
 
 Paper defaults: LoRA r=16, alpha=16 on q,k,v,o; learning rate 4e-4; effective batch 768; one
@@ -29,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -36,7 +38,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfalign.errors import UserError
-from selfalign.jsonl import JsonlAppender, write_text_atomic
+from selfalign.jsonl import JsonlAppender, read_jsonl, write_jsonl_atomic
 from selfalign.text.constitution import Identity
 from selfalign.text.conversation import (
     check_variants,
@@ -44,11 +46,12 @@ from selfalign.text.conversation import (
     sft_messages,
     system_prompt,
 )
+from selfalign.training import checkpoints as ckpt
 
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-FINGERPRINT_FILE = "selfalign_fingerprint.txt"
+TRAINING_LOG = "training_log.jsonl"
 
 
 class TrainConfig(BaseModel):
@@ -227,30 +230,30 @@ def train(
     device, precision = _device_and_precision(cfg)
     model = _load_for_training(cfg, model_name, device, precision)
 
-    # 4. Train, from the last checkpoint of the same run if there is one.
-    checkpoints = out_dir / "checkpoints"
+    # 4. Train, from the last complete checkpoint of the same run if there is one.
     trainer = _trainer(cfg, model, tokenizer, conversations, out_dir, plan, device, precision,
                        callbacks)  # fmt: skip
-    resume_from = _last_checkpoint(checkpoints, run_fingerprint) if cfg.resume else None
-    _write_fingerprint(checkpoints, run_fingerprint)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    progress = _train_steps(trainer, cfg, out_dir, run_fingerprint)
     stats = {
         "base_model": model_name,
         "method": cfg.method,
         **counts,
-        "steps": trainer.state.global_step,
+        "steps": progress.steps,
         "warmup_steps": plan.warmup,
         "micro_batch_size": cfg.micro_batch_size,
         "gradient_accumulation": plan.accumulation,
         "world_size": plan.world,
         "effective_batch_size": cfg.micro_batch_size * plan.world * plan.accumulation,
         "precision": precision,
-        "train_loss": round(float(result.training_loss), 6),
-        "resumed_from_step": _step_of(resume_from),
+        "train_loss": run_loss(progress.log_history),
+        "resumed_from_step": ckpt.step_of(progress.resumed_from),
     }
 
     # 5. Save: every process (FSDP/DeepSpeed gather weights), then merge on the main one.
-    _save_outputs(trainer, cfg, out_dir)
+    if progress.final_files is None:
+        _save_outputs(trainer, cfg, out_dir)
+    elif main_process():
+        _save_final_checkpoint(trainer, progress.final_files, cfg, out_dir)
     del trainer, model
     _free_memory()
     if main_process():
@@ -458,7 +461,7 @@ def _trainer(cfg, model, tokenizer, conversations, out_dir: Path, plan: Schedule
         train_dataset=Dataset.from_list([{"messages": m} for m in conversations]),
         processing_class=tokenizer,
         peft_config=_lora_config(cfg) if cfg.method in ("lora", "qlora") else None,
-        callbacks=[_jsonl_log(out_dir / "training_log.jsonl"), *(callbacks or [])],
+        callbacks=[_jsonl_log(out_dir / TRAINING_LOG), *(callbacks or [])],
     )
     if not enabled():  # quiet mode: the JSONL log has every step; no dicts on stdout
         trainer.remove_callback(PrinterCallback)
@@ -507,7 +510,11 @@ def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, device: str, 
 
 def _jsonl_log(path: Path):
     """A callback appending {step, loss, learning_rate, tokens_per_second} per log (resume-safe:
-    a step already in the file is not written twice)."""
+    a step already in the file is not written twice).
+
+    It also has the Trainer log every step it checkpoints, and the last: then the log history in
+    a checkpoint covers every step before it, and `run_loss` of a resumed run is the whole run's.
+    """
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
@@ -515,6 +522,11 @@ def _jsonl_log(path: Path):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.clock, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # runs after the Trainer's DefaultFlowCallback has decided what this step saves
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -535,31 +547,60 @@ def _jsonl_log(path: Path):
     return JsonlLog()
 
 
-def _last_checkpoint(checkpoints: Path, run_fingerprint: str) -> str | None:
-    """The checkpoint to resume from; a UserError when the checkpoints are another run's."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not checkpoints.is_dir():
-        return None
-    last = get_last_checkpoint(str(checkpoints))
-    if last is None:
-        return None
-    saved = checkpoints / FINGERPRINT_FILE
-    if saved.is_file() and saved.read_text().strip() != run_fingerprint:
-        raise UserError(
-            f"{checkpoints} holds checkpoints of a run with other settings or data; "
-            "delete that folder or set resume: false"
-        )
-    log.warning("resuming from %s", last)
-    return last
+class Progress(NamedTuple):
+    resumed_from: Path | None  # the checkpoint training went on from
+    steps: int  # optimizer steps of the whole run
+    log_history: list[dict[str, Any]]  # the Trainer's logs of the whole run
+    final_files: list[Path] | None  # the model files of a final checkpoint: nothing was trained
 
 
-def _write_fingerprint(checkpoints: Path, run_fingerprint: str) -> None:
-    write_text_atomic(checkpoints / FINGERPRINT_FILE, run_fingerprint + "\n")
+def _train_steps(trainer, cfg: TrainConfig, out_dir: Path, run_fingerprint: str) -> Progress:
+    """Train from the last complete checkpoint of this run (or from the start).
+
+    A run killed after its final checkpoint trains nothing more: given that checkpoint, the
+    Trainer would run a step past max_steps whenever an epoch holds several steps.
+    """
+    checkpoints = out_dir / "checkpoints"
+    resume = None
+    if cfg.resume:
+        resume = ckpt.resume_point(checkpoints, run_fingerprint, move=main_process())
+    ckpt.write_fingerprint(checkpoints, run_fingerprint)
+    if main_process():
+        _trim_log(out_dir / TRAINING_LOG, ckpt.step_of(resume))
+    if resume is not None:
+        state = ckpt.read_state(resume)
+        files = ckpt.model_files(resume)
+        if 0 < state.get("max_steps", 0) <= state["global_step"] and files is not None:
+            log.warning("%s is the run's last step: writing the model from it", resume)
+            return Progress(resume, state["global_step"], state.get("log_history", []), files)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return Progress(resume, trainer.state.global_step, trainer.state.log_history, None)
 
 
-def _step_of(checkpoint: str | None) -> int:
-    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the training log's rows up to `step`, where training goes on: the steps a killed run
+    took after its last checkpoint are taken, and logged, again (nothing at all on a fresh start)."""
+    if not path.is_file():
+        return
+    rows = read_jsonl(path)
+    kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= step]
+    if len(kept) < len(rows):
+        write_jsonl_atomic(path, kept)
+
+
+def run_loss(log_history: list[dict[str, Any]]) -> float:
+    """The mean training loss over every step of the run, from the Trainer's log history.
+
+    Each logged loss is the mean since the log before it, so it weighs that many steps. The
+    history of a resumed run holds the logs before its checkpoint too, whereas the Trainer's own
+    train_loss covers only the steps of the last `train()` call.
+    """
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry.get("step", 0) > last:
+            total += float(entry["loss"]) * (entry["step"] - last)
+            last = entry["step"]
+    return round(total / max(last, 1), 6)
 
 
 # -- 5. save -------------------------------------------------------------------------------------
@@ -577,6 +618,16 @@ def _save_outputs(trainer, cfg: TrainConfig, out_dir: Path) -> None:
         (target / "training_args.bin").unlink(
             missing_ok=True
         )  # a pickle; the YAML config says it all
+
+
+def _save_final_checkpoint(trainer, files: list[Path], cfg: TrainConfig, out_dir: Path) -> None:
+    """What `_save_outputs` writes, from the final checkpoint: the Trainer wrote the model there
+    with the same `save_model` at the last step, so these are the trained weights, byte for byte."""
+    target = out_dir if cfg.method == "full" else out_dir / "adapter"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copy2(path, target / path.name)
+    trainer.processing_class.save_pretrained(str(out_dir))
 
 
 def _merge(model_name: str, adapter_dir: Path, out_dir: Path, trust_remote_code: bool) -> None:
