@@ -401,8 +401,9 @@ def write_aligned(path) -> None:
 
 def stage4_through_the_pipeline(tmp_path, tiny_model_dir) -> tuple[list, list]:
     from selfalign.config import validate
-    from selfalign.run.pipeline import Pipeline, PipelineConfig, shared_defaults
+    from selfalign.run.pipeline import Pipeline
     from selfalign.run.registry import STAGE
+    from selfalign.run.settings import PipelineConfig, shared_defaults
 
     data = {
         "run_dir": str(tmp_path / "run"),

@@ -16,7 +16,8 @@ import yaml
 
 from selfalign.errors import UserError
 from selfalign.jsonl import read_jsonl
-from selfalign.run.pipeline import load_pipeline_config, parse_stages, run_pipeline, stage_hashes
+from selfalign.run.pipeline import run_pipeline
+from selfalign.run.settings import load_pipeline_config, parse_stages, stage_hashes
 
 TESTS = Path(__file__).parent
 

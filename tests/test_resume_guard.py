@@ -400,7 +400,8 @@ def test_the_pipeline_says_which_stage_to_force(tmp_path, pipeline_model_dir, mo
     from test_pipeline import write_config
 
     import selfalign.run.pipeline as pipeline
-    from selfalign.run.pipeline import load_pipeline_config, run_pipeline
+    from selfalign.run.pipeline import run_pipeline
+    from selfalign.run.settings import load_pipeline_config
 
     meta = tmp_path / "meta.txt"
     meta.write_text("Come up with a series of tasks:")

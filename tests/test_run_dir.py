@@ -19,7 +19,8 @@ from test_pipeline import all_ids_unique, write_config
 
 from selfalign.errors import UserError
 from selfalign.jsonl import read_jsonl
-from selfalign.run.pipeline import load_pipeline_config, run_pipeline
+from selfalign.run.pipeline import run_pipeline
+from selfalign.run.settings import load_pipeline_config
 
 pytestmark = pytest.mark.slow
 

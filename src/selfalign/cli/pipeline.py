@@ -39,13 +39,8 @@ def run(
     import shlex
     import sys
 
-    from selfalign.run.pipeline import (
-        Events,
-        check_force,
-        load_pipeline_config,
-        parse_stages,
-        run_pipeline,
-    )
+    from selfalign.run.pipeline import Events, run_pipeline
+    from selfalign.run.settings import check_force, load_pipeline_config, parse_stages
 
     if quiet or log_json:
         os.environ["SELFALIGN_PROGRESS"] = "0"
