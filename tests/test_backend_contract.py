@@ -2,13 +2,11 @@
 declares its capabilities before loading, and every stage refuses, in one line naming the config
 key, a backend that cannot do what the stage was configured to do, before any work."""
 
-import json
 import logging
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_openai import serve
 
 from selfalign.errors import UserError
 from selfalign.generation import (
@@ -35,23 +33,8 @@ def openai_cfg(model: str, **extra) -> BackendConfig:
 @pytest.fixture
 def server():
     """A loopback completions server that records every request and echoes the prompt."""
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            data = json.dumps({"choices": [{"text": "echo", "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
+    url, seen, httpd = serve(lambda body: {"choices": [{"text": "echo", "finish_reason": "stop"}]})
+    yield url, seen
     httpd.shutdown()
 
 

@@ -1,10 +1,7 @@
 """The OpenAI-compatible backend against a fake completions server on loopback."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from fake_openai import serve
 
 from selfalign.errors import UserError
 from selfalign.generation import BackendConfig, SamplingParams, load_backend
@@ -15,45 +12,27 @@ from selfalign.generation.openai_backend import OpenAIBackend
 def server():
     """A fake server: echoes; prompt "fail" gets HTTP 400, "flaky" HTTP 500 on its first two
     requests, "down" HTTP 500 always (with a two-line error body)."""
-    seen = []
+    seen: list = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((body, self.headers.get("Authorization")))
-            tries = sum(b["prompt"] == body["prompt"] for b, _ in seen)
-            errors = {
-                "fail": (400, b'{"error": "bad prompt"}'),
-                "down": (500, b"overloaded\nretry"),
-            }
-            if body["prompt"] == "flaky" and tries <= 2:
-                errors["flaky"] = (500, b"warming up")
-            if body["prompt"] in errors:
-                code, detail = errors[body["prompt"]]
-                self.send_response(code)
-                self.end_headers()
-                self.wfile.write(detail)
-                return
-            text = f"echo:{body['prompt']}:{body['seed']}"
-            reply = {
-                "choices": [
-                    {"text": text, "finish_reason": "length" if body["max_tokens"] < 3 else "stop"}
-                ],
-                "usage": {"prompt_tokens": 4, "completion_tokens": 2},
-            }
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def reply(body):
+        tries = sum(b["prompt"] == body["prompt"] for b, _ in seen)
+        errors = {"fail": (400, b'{"error": "bad prompt"}'), "down": (500, b"overloaded\nretry")}
+        if body["prompt"] == "flaky" and tries <= 2:
+            errors["flaky"] = (500, b"warming up")
+        if body["prompt"] in errors:
+            return errors[body["prompt"]]
+        text = f"echo:{body['prompt']}:{body['seed']}"
+        return {
+            "choices": [
+                {"text": text, "finish_reason": "length" if body["max_tokens"] < 3 else "stop"}
+            ],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 2},
+        }
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
+    url, _, httpd = serve(
+        reply, seen, record=lambda body, headers: (body, headers.get("Authorization"))
+    )
+    yield url, seen
     httpd.shutdown()
 
 

@@ -419,36 +419,19 @@ def test_original_verbose_prompt_file_is_the_shared_prefix(tmp_path, tokenizer):
 
 
 def serve_completions(respond):
-    """A scripted OpenAI-compatible completions server on 127.0.0.1 (stdlib, in a thread): the
-    text is `respond(prompt, seed)`, cut at the first of the request's `stop` strings as a real
-    server does (finish_reason 'stop'). Returns (base_url, requests seen, the server)."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """A scripted OpenAI-compatible completions server on 127.0.0.1: the text is
+    `respond(prompt, seed)`, cut at the first of the request's `stop` strings as a real server
+    does (finish_reason 'stop'). Returns (base_url, requests seen, the server)."""
+    from fake_openai import serve
 
-    seen: list[dict] = []
+    def reply(body):
+        text = respond(body["prompt"], body["seed"])
+        cuts = [text.find(s) for s in body.get("stop") or [] if s in text]
+        text = text[: min(cuts)] if cuts else text
+        return {"choices": [{"text": text, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": len(text.split())}}  # fmt: skip
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(body)
-            text = respond(body["prompt"], body["seed"])
-            cuts = [text.find(s) for s in body.get("stop") or [] if s in text]
-            text = text[: min(cuts)] if cuts else text
-            reply = {"choices": [{"text": text, "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 1, "completion_tokens": len(text.split())}}  # fmt: skip
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen, httpd
+    return serve(reply)
 
 
 @pytest.mark.slow
