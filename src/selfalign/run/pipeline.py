@@ -95,6 +95,8 @@ class Pipeline:
         self._backend: Backend | None = None
         self._backend_model: str | None = None
         self._lock: DirLock | None = None  # held by `execute`
+        self.settings: dict[str, dict[str, Any]] = {}  # per stage, set by `plan`
+        self.hashes: dict[str, str] = {}
 
     def dir(self, stage: str) -> Path:
         return STAGE[stage].path(self.run)
@@ -108,7 +110,9 @@ class Pipeline:
         scratch; a done stage whose settings changed is refused; one whose inputs are missing is
         refused naming the stage that makes them."""
         force = check_force(set(force), stages)
-        hashes, settings = stage_hashes(self.cfg), stage_configs(self.cfg)
+        # read once per run (they hash the files the settings name): the plan and the manifest agree
+        self.settings = settings = stage_configs(self.cfg)
+        self.hashes = hashes = stage_hashes(self.cfg, settings)
         todo: list[_Todo] = []
         cascade = False  # an earlier selected stage is redone, so this one's inputs change
         for stage in STAGES:
@@ -203,8 +207,8 @@ class Pipeline:
     def _run_stage(self, manifest: Manifest, item: _Todo) -> None:
         stage = item.stage
         trash = self._set_aside(manifest, stage) if item.redo else None
-        manifest.start(stage.name, stage_hashes(self.cfg)[stage.name])
-        manifest.stage(stage.name)["settings"] = stage_configs(self.cfg)[stage.name]
+        manifest.start(stage.name, self.hashes[stage.name])
+        manifest.stage(stage.name)["settings"] = self.settings[stage.name]
         self.events("stage_start", f"[{stage.name}] starting", stage=stage.name)
         started = time.perf_counter()
         try:

@@ -211,11 +211,14 @@ def _with_file_contents(value: Any) -> Any:
     return value
 
 
-def stage_hashes(cfg: PipelineConfig) -> dict[str, str]:
-    """Each stage's hash chains on the one before it, in pipeline order."""
+def stage_hashes(
+    cfg: PipelineConfig, settings: dict[str, dict[str, Any]] | None = None
+) -> dict[str, str]:
+    """Each stage's hash chains on the one before it, in pipeline order (`settings`: what
+    `stage_configs(cfg)` returned, when the caller has it already)."""
     hashes, upstream = {}, ""
-    for stage, settings in stage_configs(cfg).items():
-        upstream = hashes[stage] = config_hash({"upstream": upstream, "settings": settings})
+    for stage, own in (settings or stage_configs(cfg)).items():
+        upstream = hashes[stage] = config_hash({"upstream": upstream, "settings": own})
     return hashes
 
 
