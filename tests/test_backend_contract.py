@@ -23,11 +23,13 @@ from selfalign.stages import stage1_instructions as stage1
 from selfalign.stages import stage2_self_align as stage2
 from selfalign.stages import stage4_verbose as stage4
 
-NOWHERE = "http://127.0.0.1:9/v1"  # loading an openai backend sends no request
+# loading an openai backend asks the server for GET /models: this one has no such endpoint, so
+# the model name is not checked
+SERVER_URL = serve(lambda body: {})[0]
 
 
 def openai_cfg(model: str, **extra) -> BackendConfig:
-    return BackendConfig(model=model, backend="openai", base_url=NOWHERE, **extra)
+    return BackendConfig(model=model, backend="openai", base_url=SERVER_URL, **extra)
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def test_openai_backend_tokenizer_from_the_model_dir_or_none(tiny_model_dir, cap
     assert not capabilities(openai_cfg("served-model-name")).tokenizer
     why = [r.getMessage() for r in caplog.records if "no tokenizer" in r.getMessage()]
     assert len(why) == 1 and "served-model-name" in why[0]
-    assert OpenAIBackend("m", NOWHERE).tokenizer is None
+    assert OpenAIBackend("m", SERVER_URL).tokenizer is None
 
 
 def test_openai_backend_tokenizer_from_the_hub_cache(tiny_model_dir, tmp_path, monkeypatch):

@@ -264,15 +264,19 @@ def test_sigkill_in_stage_2_resumes_stage_2(tmp_path, pipeline_model_dir):
     all_ids_unique(run)
 
 
-PAPER_STAGE_4 = pytest.mark.xfail(
-    strict=True, raises=UserError,
-    reason="issue 14: stage 4's 3-/4-gram penalties need vLLM's logits processor on the server",
-)  # fmt: skip
-
-
-@pytest.mark.parametrize("name", ["demo", "small-gpu", pytest.param("paper", marks=PAPER_STAGE_4)])
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("demo", []),
+        ("small-gpu", []),
+        pytest.param("paper", [], marks=pytest.mark.vllm),  # backend vllm
+        pytest.param("paper", ["model.backend=openai", "model.serve=auto"], marks=pytest.mark.vllm),
+        # a server of the user's: only the kind is known, and a vLLM one runs the n-gram penalties
+        ("paper", ["model.backend=openai", "model.server=vllm", "model.base_url=http://x/v1"]),
+    ],
+)
 def test_example_configs_pass_preflight_and_open_with_their_command(
-    name, tmp_path, pipeline_model_dir
+    name, overrides, tmp_path, pipeline_model_dir
 ):
     from importlib import resources
 
@@ -281,7 +285,7 @@ def test_example_configs_pass_preflight_and_open_with_their_command(
     assert re.search(rf"selfalign run \S*{name}\.yaml|make demo", "\n".join(header[:5]))
     # the whole preflight, on a model that exists here (theirs are hub ids or built by make demo)
     cfg = load_pipeline_config(
-        str(path), [f"model.model={pipeline_model_dir}"], run_dir=tmp_path / "run"
+        str(path), [f"model.model={pipeline_model_dir}", *overrides], run_dir=tmp_path / "run"
     )
     assert cfg.run_dir == str(tmp_path / "run")
 
@@ -323,3 +327,18 @@ def test_constitution_check_warns_when_the_prompt_leaves_no_room(
         monkeypatch, capsys, "constitution", "check", "default", "--tokenizer", str(tiny_model_dir)
     )
     assert code == 0 and "tokens" in out and "context 2048 assumed" in err
+
+
+@pytest.mark.parametrize(
+    "overrides", [["model.backend=vllm"], ["model.backend=openai", "model.serve=auto"]]
+)
+def test_a_vllm_run_without_vllm_fails_before_any_work(
+    overrides, tmp_path, pipeline_model_dir, monkeypatch
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if it were not installed
+    config = write_config(tmp_path, pipeline_model_dir)
+    with pytest.raises(UserError, match=r"needs vLLM.*selfalign\[vllm\].*make vllm"):
+        load_pipeline_config(config, overrides)
+    assert not (tmp_path / "run" / "manifest.json").exists()

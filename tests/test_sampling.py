@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from selfalign.generation.transformers_backend import ngram_penalty, top_p_filter
+from selfalign.generation.ngram import ngram_penalty
+from selfalign.generation.transformers_backend import top_p_filter
 
 
 def reference_penalty(history: list[int], penalties: dict[int, float], vocab: int) -> list[float]:
@@ -55,3 +56,38 @@ def test_top_p_keeps_smallest_set_reaching_mass():
     kept = top_p_filter(logits, 0.45).isfinite().tolist()[0]
     assert kept == [True, False, False, False]
     assert top_p_filter(logits, 1.0).isfinite().all()
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_incremental_ngram_counts_equal_reference(trial):
+    """vLLM's logits processor keeps counts token by token; every step must equal the reference."""
+    from selfalign.generation.ngram import NgramCounts
+
+    rng = random.Random(1000 + trial)
+    vocab = rng.choice([3, 5, 11])
+    penalties = {
+        n: rng.choice([0.5, 1.0, 2.0]) for n in rng.sample([1, 2, 3, 4], rng.randint(1, 4))
+    }
+    counts, history = NgramCounts(penalties), []
+    for _ in range(rng.randint(1, 30)):
+        token = rng.randrange(vocab)
+        counts.add(token)
+        history.append(token)
+        got = [0.0] * vocab
+        for t, value in counts.penalties().items():
+            got[t] += value
+        assert got == pytest.approx(reference_penalty(history, penalties, vocab))
+
+
+def test_ngram_args_round_trip_and_refuse_bad_values():
+    from selfalign.generation.ngram import ngram_args, parse_ngram_args
+
+    assert parse_ngram_args(ngram_args({3: 1.0, 4: 2.0, 1: 0.0})) == {3: 1.0, 4: 2.0}
+    assert parse_ngram_args({"other": 1}) == {}
+    for bad in (
+        {"selfalign_ngram_5": 1.0},
+        {"selfalign_ngram_2": "x"},
+        {"selfalign_ngram_2": True},
+    ):
+        with pytest.raises(ValueError, match="selfalign_ngram_"):
+            parse_ngram_args(bad)

@@ -166,6 +166,8 @@ def _train(model, docs: list[tuple[list[int], int, str]], epochs: int, seed: int
     import torch
     from transformers import DynamicCache
 
+    from selfalign.modeling import with_cache
+
     groups: dict[str, list[int]] = {}
     for i, (_, _, group) in enumerate(docs):
         groups.setdefault(group, []).append(i)
@@ -195,7 +197,9 @@ def _train(model, docs: list[tuple[list[int], int, str]], epochs: int, seed: int
         cache = DynamicCache(config=model.config)
         if start > 0:
             with torch.no_grad():
-                model(input_ids=torch.tensor([docs[batch[0]][0][:start]]), cache=cache)
+                model(
+                    input_ids=torch.tensor([docs[batch[0]][0][:start]]), **with_cache(model, cache)
+                )
             data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in cache]
             cache = DynamicCache(ddp_cache_data=data, config=model.config)
         width = max(len(docs[i][0]) for i in batch) - start
@@ -208,7 +212,9 @@ def _train(model, docs: list[tuple[list[int], int, str]], epochs: int, seed: int
             ids[r, : len(rest)] = rest
             labels[r, prompt - start : len(rest)] = rest[prompt - start :]
             mask[r, : len(tokens)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, cache=cache, labels=labels).loss
+        loss = model(
+            input_ids=ids, attention_mask=mask, **with_cache(model, cache), labels=labels
+        ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

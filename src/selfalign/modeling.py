@@ -7,6 +7,8 @@ Weights load from safetensors only, and `trust_remote_code` is off unless the us
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -146,3 +148,38 @@ def _context_of(get) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def with_cache(model, cache) -> dict[str, Any]:
+    """The forward keyword that passes a KV cache to `model`: `cache` since transformers 5.2x,
+    `past_key_values` before (vLLM's CPU build pins transformers <5.20, so both are supported)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    return {_cache_keyword(type(base)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def eos_ids(generation_config, tokenizer) -> frozenset[int]:
+    """The tokenizer's EOS and every EOS of the generation config (chat models often end a turn
+    with a token of their own)."""
+    ids: set[int] = set()
+    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return frozenset(ids)
+
+
+def model_eos_ids(name: str, tokenizer) -> frozenset[int]:
+    """`eos_ids` of a model directory, without loading its weights."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(name)
+    except OSError:  # no generation_config.json
+        config = None
+    return eos_ids(config, tokenizer)

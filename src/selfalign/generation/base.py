@@ -94,6 +94,24 @@ class PromptTooLong(UserError):
         )
 
 
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], params: SamplingParams, context: int
+) -> list[list[int]]:
+    """Token ids per prompt (special tokens added), checked against `context - max_tokens`: a
+    prompt that does not fit is an error naming it, or, with truncate_prompt='left', loses
+    tokens from its start (its BOS kept), never from its end."""
+    limit = context - params.max_tokens
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    for i, ids in enumerate(encoded):
+        if len(ids) <= limit:
+            continue
+        if params.truncate_prompt == "error" or limit < 2:
+            raise PromptTooLong(i, len(ids), params.max_tokens, context)
+        bos = ids[:1] if ids[0] == tokenizer.bos_token_id else []
+        encoded[i] = bos + ids[len(ids) - (limit - len(bos)) :]
+    return encoded
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend type can honour, known from its config without loading a model."""

@@ -1,12 +1,38 @@
-"""Generation through an OpenAI-compatible completions server: `vllm serve`, SGLang, TGI,
-llama.cpp's server.
+"""Generation through an OpenAI-compatible completions server: `vllm serve`, llama.cpp's server,
+SGLang, TGI.
 
-Each prompt is one `POST {base_url}/completions` request carrying its own seed, so sampled text
-does not depend on batching; `concurrency` requests are in flight at once and the server batches
-them. Parameters the protocol cannot express are refused, never dropped: n-gram penalties of
-order 2-4 (order 1 is exactly OpenAI's `frequency_penalty`). Left truncation uses vLLM's
-`truncate_prompt_tokens`. The API key is read from an environment variable and never logged.
-A reply of HTTP 5xx or a dropped connection is retried `retries` times, with backoff.
+Reads `GET {base_url}/models` once when the backend is made, then sends one
+`POST {base_url}/completions` per prompt; the API key comes from the environment variable
+`model.api_key_env` and appears in no message or log line. Writes nothing.
+
+Exact requests. A server fills every sampling field a request leaves out with its own default
+(llama.cpp: top_k 40, min_p 0.05; vLLM: the model's generation_config.json), so each request
+carries every field the configured server (`model.server`) would otherwise default, set to its
+neutral value (`NEUTRAL`), then `model.extra_body` on top (its values win; a dict value is merged
+into ours). Each prompt carries its own seed (`seed % 2**31`), so its text does not depend on how
+requests are batched. Left truncation is vLLM's `truncate_prompt_tokens` (context - max_tokens).
+
+n-gram penalties: order 1 is OpenAI's `frequency_penalty`. Orders 2-4 need `model.server: vllm`
+with selfalign's logits processor loaded: then all orders travel in `vllm_xargs` (one place applies
+each order, so `frequency_penalty` stays 0), and before the first such job the backend probes
+once that the server has the processor.
+
+Checks before any request of a job: what the server cannot do (`require`), logit-bias ids
+against the tokenizer's vocabulary. When the backend is made: the model name against the
+server's `/models` (a server without that endpoint only gets a warning).
+
+Failures: HTTP 429, 5xx, a lost connection or no reply within `timeout` seconds are retried
+`retries` times with exponential backoff (or the server's Retry-After, capped), one WARNING line
+per retry; any other HTTP error fails at once. Every failure is one `UserError` line.
+
+The pool: up to `concurrency` requests are in flight and a new one starts as soon as any
+finishes; finished rows are yielded as they come. When a row fails for good, the rows already
+finished are yielded first (the caller appends them to disk, so a resumed run keeps them), then
+its error is raised and the requests still in flight are abandoned.
+
+Token counts are passed through from the server's `usage`. `completion_tokens` is the number of
+tokens the model generated, including the EOS or the token that completed a stop string (though
+neither is in the text), as vLLM and the transformers backend count them.
 
 The server tokenizes, but stages still need the tokenizer here (EOS ids to suppress, the token ids
 of "Sorry", chat templates): it is read from `model.tokenizer`, or else from `model.model` when
@@ -15,19 +41,22 @@ that is a local directory or in the hub cache; the hub is never asked for it imp
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
-import time
+import queue
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selfalign.errors import UserError
 from selfalign.generation.base import (
+    ALL_NGRAM_ORDERS,
     Backend,
     Capabilities,
     Completion,
@@ -35,8 +64,23 @@ from selfalign.generation.base import (
     require,
     resolve_seeds,
 )
+from selfalign.generation.ngram import PROBE_ARG, PROBE_REPLY, ngram_args
+
+if TYPE_CHECKING:
+    from selfalign.generation import BackendConfig
 
 log = logging.getLogger(__name__)
+
+# The neutral value of every sampling field a server defaults when a request leaves it out
+# (presence and frequency penalties are sent to every server). vLLM takes top_k -1 as "off" in
+# every version (newer ones also 0, older ones only -1); llama.cpp takes 0.
+NEUTRAL: dict[str, dict[str, Any]] = {
+    "vllm": {"repetition_penalty": 1.0, "top_k": -1, "min_p": 0.0},
+    "llama.cpp": {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0},
+    "generic": {},
+}
+MAX_RETRY_WAIT = 60.0  # seconds: the longest backoff or Retry-After honoured
+PROBE_PROMPT = "Hello"  # not empty: some servers refuse an empty prompt before any processor
 
 
 def offline_source(name: str) -> str | None:
@@ -84,9 +128,50 @@ def load_http_tokenizer(model: str, tokenizer: str | None, trust_remote_code: bo
         return None
 
 
+class RequestFailed(UserError):
+    """A request that failed: `status` is the HTTP status (None when there was no reply),
+    `detail` the server's message or why there was no reply."""
+
+    def __init__(self, url: str, status: int | None, detail: str, attempts: int = 1):
+        self.url, self.status, self.detail = url, status, detail
+        what = f"HTTP {status} from the server" if status else "no reply from the server"
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        super().__init__(f"{url}: {what}{tries}: {detail}")
+
+
+def server_message(raw: bytes) -> str:
+    """The message in an error reply (OpenAI's {"error": {"message": ...}}, vLLM's {"message":
+    ...}, or plain text) on one line, at most 300 characters."""
+    text = raw.decode(errors="replace")
+    try:
+        reply = json.loads(text)
+        error = reply.get("error", reply) if isinstance(reply, dict) else reply
+        text = error.get("message", text) if isinstance(error, dict) else str(error)
+    except json.JSONDecodeError:
+        pass
+    return " ".join(str(text).split())[:300]
+
+
+def retry_wait(attempt: int, backoff: float, retry_after: str | None) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): the server's Retry-After when it gives a number
+    of seconds, else `backoff` doubling per attempt; at most MAX_RETRY_WAIT either way."""
+    try:
+        wait = float(retry_after) if retry_after is not None else backoff * 2 ** (attempt - 1)
+    except ValueError:  # an HTTP date: not worth parsing, use our own backoff
+        wait = backoff * 2 ** (attempt - 1)
+    return min(max(wait, 0.0), MAX_RETRY_WAIT)
+
+
+def _wait(cancel: threading.Event | None, seconds: float) -> bool:
+    """Sleep `seconds`, or less when `cancel` is set; whether it was set."""
+    if cancel is None:
+        cancel = threading.Event()
+    return cancel.wait(seconds)
+
+
 class OpenAIBackend(Backend):
     # logit_bias maps token ids straight through; of the n-gram penalties only order 1 exists in
-    # the protocol (frequency_penalty)
+    # the protocol (frequency_penalty); a vLLM server with selfalign's processor applies them all
     CAPABILITIES = Capabilities(
         "openai", token_logit_bias=True, ngram_orders=frozenset({1}), tokenizer=False
     )
@@ -102,8 +187,16 @@ class OpenAIBackend(Backend):
         context: int | None = None,
         tokenizer: Any = None,
         backoff: float = 1.0,
+        server: str = "generic",
+        extra_body: dict[str, Any] | None = None,
+        on_close: Callable[[], None] | None = None,
     ):
-        self.model = model
+        if not base_url.startswith(("http://", "https://")):
+            raise UserError(
+                f"model.base_url must be an http(s) URL, e.g. http://localhost:8000/v1; got "
+                f"{base_url!r}"
+            )
+        self.model = model  # the name the server serves it under
         self.base_url = base_url.rstrip("/")
         self._api_key = os.environ.get(api_key_env, "")
         self.concurrency = concurrency
@@ -112,26 +205,144 @@ class OpenAIBackend(Backend):
         self.context = context
         self.tokenizer = tokenizer
         self.backoff = backoff  # seconds before the first retry, doubling (tests use 0)
+        self.server = server
+        self.extra_body = dict(extra_body or {})
+        self.on_close = on_close
+        self.CAPABILITIES = self.capabilities_of(server)
+        self._probed = False  # the n-gram processor was found on the server
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: BackendConfig,
+        base_url: str | None = None,
+        served_name: str | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> OpenAIBackend:
+        """The backend of `cfg` (explicit arguments win over cfg's), its model name checked
+        against the server's /models. `on_close` runs in `close()` (e.g. stops the server)."""
+        tokenizer = load_http_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
+        backend = cls(
+            served_name or cfg.served_name or cfg.model, base_url or cfg.base_url or "",
+            cfg.api_key_env, cfg.concurrency, cfg.timeout, cfg.retries, cfg.context, tokenizer,
+            server=cfg.server, extra_body=cfg.extra_body, on_close=on_close,
+        )  # fmt: skip
+        backend.check_served_model()
+        return backend
+
+    @classmethod
+    def capabilities_of(cls, server: str) -> Capabilities:
+        """CAPABILITIES, with every n-gram order on vLLM (through selfalign's processor)."""
+        if server == "vllm":
+            return replace(cls.CAPABILITIES, ngram_orders=ALL_NGRAM_ORDERS)
+        return cls.CAPABILITIES
+
+    @classmethod
+    def capabilities_for(cls, cfg: BackendConfig) -> Capabilities:
+        """What the backend of `cfg` can honour, known without asking the server."""
+        caps = cls.capabilities_of(cfg.server)
+        return caps.with_tokenizer(has_http_tokenizer(cfg.model, cfg.tokenizer))
+
+    def close(self) -> None:
+        on_close, self.on_close = self.on_close, None  # run it once
+        if on_close is not None:
+            on_close()
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def check_served_model(self) -> None:
+        """Refuse a model name the server does not serve (GET /models); a server without that
+        endpoint, or with a reply that is not a model list, gets one WARNING line."""
+        url = f"{self.base_url}/models"
+        try:
+            reply = json.loads(self._send("/models"))
+            served = [m["id"] for m in reply["data"]]
+        except RequestFailed as e:
+            if e.status not in (404, 405):
+                raise
+            log.warning("%s: no model list (HTTP %s); the model name is not checked", url, e.status)
+            return
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            log.warning("%s: the reply is not a model list; the model name is not checked", url)
+            return
+        if self.model not in served:
+            raise UserError(
+                f"the server at {self.base_url} does not serve model {self.model!r} (it serves "
+                f"{', '.join(map(repr, served)) or 'nothing'}): set model.served_name (or "
+                f"model.model) to its name, start the server on {self.model!r}, or use "
+                "model.serve: auto"
+            )
+
+    def _check_job(self, params: SamplingParams) -> None:
+        """Refuse, before any request, what this job asks and the server cannot do."""
+        require(self, params)
+        if params.truncate_prompt == "left":
+            self._prompt_room(params)
+        if params.logit_bias and self.tokenizer is not None:
+            size = len(self.tokenizer)
+            bad = sorted(t for t in params.logit_bias if not 0 <= t < size)
+            if bad:
+                raise UserError(
+                    f"logit_bias token ids {', '.join(map(str, bad))} are outside the "
+                    f"tokenizer's vocabulary (0..{size - 1}); model.tokenizer must be the served "
+                    "model's tokenizer"
+                )
+        if self._via_processor(params) and not self._probed:
+            self._probe_ngram_processor()
+
+    def _via_processor(self, params: SamplingParams) -> bool:
+        """Whether the job's n-gram penalties go to selfalign's logits processor (orders 2-4)."""
+        return self.server == "vllm" and any(a for n, a in params.ngram_penalties.items() if n > 1)
+
+    def _probe_ngram_processor(self) -> None:
+        """The processor refuses a request carrying PROBE_ARG with PROBE_REPLY; a server without
+        it ignores the argument and answers."""
+        body = {"model": self.model, "prompt": PROBE_PROMPT, "max_tokens": 1}
+        try:
+            self._send("/completions", {**body, "vllm_xargs": {PROBE_ARG: 1}})
+        except RequestFailed as e:
+            if e.status == 400 and PROBE_REPLY in e.detail:
+                self._probed = True
+                return
+            raise UserError(f"checking for selfalign's n-gram logits processor: {e}") from None
+        raise UserError(
+            f"the vLLM server at {self.base_url} was started without selfalign's n-gram logits "
+            "processor; start it with --logits-processors "
+            "selfalign.generation.vllm_ngram:NgramPenalty (selfalign installed in the server's "
+            "environment) or set model.serve: auto"
+        )
+
+    # -- one request ---------------------------------------------------------------------------
 
     def request_body(self, prompt: str, params: SamplingParams, seed: int) -> dict:
-        """The JSON body for one prompt; refuses what the protocol cannot express."""
-        require(self, params)
-        body = {
+        """The JSON body for one prompt: every field the server would default, set."""
+        penalties = {n: a for n, a in params.ngram_penalties.items() if a}
+        body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_tokens": params.max_tokens,
             "seed": seed,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            **NEUTRAL[self.server],
         }
         if params.stop:
             body["stop"] = params.stop
         if params.logit_bias:
             body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
-        if params.ngram_penalties.get(1):
-            body["frequency_penalty"] = params.ngram_penalties[1]
+        if self._via_processor(params):
+            body["vllm_xargs"] = ngram_args(penalties)
+        elif 1 in penalties:
+            body["frequency_penalty"] = penalties[1]
         if params.truncate_prompt == "left":
             body["truncate_prompt_tokens"] = self._prompt_room(params)
+            if self.server == "vllm":  # vLLM's default side is the tokenizer's: say it
+                body["truncation_side"] = "left"
+        for key, value in self.extra_body.items():  # the user's values win
+            merge = isinstance(value, dict) and isinstance(body.get(key), dict)
+            body[key] = {**body[key], **value} if merge else value
         return body
 
     def _prompt_room(self, params: SamplingParams) -> int:
@@ -148,38 +359,56 @@ class OpenAIBackend(Backend):
             )
         return self.context - params.max_tokens
 
-    def _post(self, body: dict) -> dict:
-        """POST one request; HTTP 5xx and connection failures are retried with backoff."""
+    def _send(
+        self, path: str, body: dict | None = None, cancel: threading.Event | None = None
+    ) -> bytes:
+        """GET `path` (POST `body` when given) and return the reply. HTTP 429, 5xx, lost
+        connections and timeouts are retried with backoff until `cancel` is set; anything else,
+        or the last failure, raises RequestFailed."""
+        url = f"{self.base_url}{path}"
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        data = json.dumps(body).encode()
-        url = f"{self.base_url}/completions"
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(1, self.retries + 2):
+            retry_after = None
             try:
                 request = urllib.request.Request(url, data=data, headers=headers)
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
+                    return response.read()
             except urllib.error.HTTPError as e:
-                detail = " ".join(e.read().decode(errors="replace").split())[:300]
-                if e.code < 500 or last:
-                    tries = f" (after {attempt + 1} attempts)" if e.code >= 500 else ""
-                    raise UserError(
-                        f"{url}: HTTP {e.code} from the server{tries}: {detail}"
-                    ) from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                if last:
-                    reason = e.reason if isinstance(e, urllib.error.URLError) else e
-                    raise UserError(f"{url}: cannot reach the server ({reason})") from None
-            except json.JSONDecodeError:
-                raise UserError(f"{url}: the server's reply is not JSON") from None
-            time.sleep(min(self.backoff * 2**attempt, 30))
+                failure = RequestFailed(url, e.code, self._scrub(server_message(e.read())))
+                if e.code != 429 and e.code < 500:
+                    raise failure from None
+                retry_after = e.headers.get("Retry-After")
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", None) or e
+                if isinstance(reason, TimeoutError):
+                    reason = f"timed out after {self.timeout:g} s (model.timeout)"
+                failure = RequestFailed(url, None, self._scrub(str(reason)))
+            if attempt > self.retries:
+                raise RequestFailed(url, failure.status, failure.detail, attempt) from None
+            wait = retry_wait(attempt, self.backoff, retry_after)
+            what = (
+                f"HTTP {failure.status} from {url}"
+                if failure.status
+                else (f"no reply from {url}: {failure.detail}")
+            )
+            log.warning("%s; retry %d/%d in %g s", what, attempt, self.retries, wait)
+            if _wait(cancel, wait):
+                raise failure from None
         raise AssertionError("unreachable")
 
-    def _complete(self, prompt: str, params: SamplingParams, seed: int) -> Completion:
-        reply = self._post(self.request_body(prompt, params, seed))
+    def _scrub(self, text: str) -> str:
+        """`text` without the API key, should a server echo it."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _complete(
+        self, prompt: str, params: SamplingParams, seed: int, cancel: threading.Event | None
+    ) -> Completion:
+        raw = self._send("/completions", self.request_body(prompt, params, seed), cancel)
         try:
+            reply = json.loads(raw)
             choice = reply["choices"][0]
             usage = reply.get("usage") or {}
             reason = "length" if choice.get("finish_reason") == "length" else "stop"
@@ -189,20 +418,59 @@ class OpenAIBackend(Backend):
                 int(usage.get("prompt_tokens", 0)),
                 int(usage.get("completion_tokens", 0)),
             )
-        except (KeyError, IndexError, TypeError):
-            raise UserError(f"{self.base_url}: unexpected reply {str(reply)[:200]!r}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
+            text = " ".join(raw.decode(errors="replace").split())[:200]
+            raise UserError(f"{self.base_url}/completions: unexpected reply {text!r}") from None
+
+    # -- the pool ------------------------------------------------------------------------------
 
     def iter_batches(
         self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int] | None = None
     ) -> Iterator[list[tuple[int, Completion]]]:
+        """Yield the rows finished since the last yield, as they finish (see the module doc)."""
         row_seeds = resolve_seeds(len(prompts), params, seeds)
-        for p in prompts[:1]:
-            self.request_body(p, params, 0)  # refuse unsupported parameters before any request
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            for start in range(0, len(prompts), self.concurrency):
-                rows = range(start, min(start + self.concurrency, len(prompts)))
-                futures = [
-                    pool.submit(self._complete, prompts[i], params, row_seeds[i] % 2**31)
-                    for i in rows
-                ]
-                yield [(i, f.result()) for i, f in zip(rows, futures, strict=True)]
+        self._check_job(params)
+        if not prompts:
+            return
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(prompts)):
+            todo.put(i)
+        done: queue.SimpleQueue[tuple[int, Completion | Exception]] = queue.SimpleQueue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            while not cancel.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((i, self._complete(prompts[i], params, row_seeds[i] % 2**31, cancel)))
+                except Exception as e:  # the job is lost: start no other request; main raises it
+                    cancel.set()
+                    done.put((i, e))
+
+        # daemon threads: a request still in flight when the job fails must not hold up the exit
+        for _ in range(min(self.concurrency, len(prompts))):
+            threading.Thread(target=work, daemon=True, name="selfalign-openai").start()
+        try:
+            yield from self._collect(done, len(prompts))
+        finally:
+            cancel.set()  # also when the caller stops early: no new requests, no more retries
+
+    @staticmethod
+    def _collect(done: queue.SimpleQueue, total: int) -> Iterator[list[tuple[int, Completion]]]:
+        """Lists of finished rows as they arrive; a failure is raised after the rows that
+        finished before it (or with it) were yielded."""
+        received = 0
+        while received < total:
+            arrived = [done.get()]
+            while not done.empty():
+                arrived.append(done.get())
+            received += len(arrived)
+            rows = [(i, c) for i, c in arrived if isinstance(c, Completion)]
+            if rows:
+                yield rows
+            failures = [c for _, c in arrived if not isinstance(c, Completion)]
+            if failures:
+                raise failures[0]

@@ -30,11 +30,12 @@ from selfalign.generation.base import (
     Backend,
     Capabilities,
     Completion,
-    PromptTooLong,
     SamplingParams,
+    encode_prompts,
     resolve_seeds,
 )
-from selfalign.modeling import context_length, load_model
+from selfalign.generation.ngram import ngram_penalty
+from selfalign.modeling import context_length, eos_ids, load_model, with_cache
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate prefill
 
@@ -89,30 +90,6 @@ class InPlaceLayer(DynamicLayer):
                 self.k_buffer[:, :, : self.length],
                 self.v_buffer[:, :, : self.length],
             )
-
-
-def ngram_penalty(
-    generated: torch.Tensor, penalties: dict[int, float], vocab_size: int
-) -> torch.Tensor:
-    """Penalty per (row, candidate token) for SELF-ALIGN's n-gram frequency penalties.
-
-    For order n with weight a_n, candidate t costs a_n times the number of times the n-gram
-    (last n-1 generated tokens, t) already occurs in the row's generated tokens; orders add up.
-    `generated` is [rows, steps] (generated tokens only, the first one included).
-    """
-    rows, steps = generated.shape
-    total = torch.zeros(rows, vocab_size, dtype=torch.float32, device=generated.device)
-    for n, weight in penalties.items():
-        if weight == 0 or steps < n:
-            continue
-        windows = generated.unfold(1, n, 1)  # [rows, steps-n+1, n]: every n-gram seen so far
-        if n == 1:
-            hits = torch.ones(windows.shape[:2], dtype=torch.float32, device=generated.device)
-        else:
-            context = generated[:, steps - n + 1 :]  # the last n-1 tokens
-            hits = (windows[:, :, :-1] == context[:, None, :]).all(-1).float()
-        total.scatter_add_(1, windows[:, :, -1], hits * weight)
-    return total
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -198,7 +175,7 @@ class TransformersBackend(Backend):
         self.share_prefix = share_prefix
         self.context = context_length(model)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self._eos = self._model_eos()
+        self._eos = eos_ids(getattr(model, "generation_config", None), tokenizer)
         self._prefix: tuple[tuple[int, ...], object] | None = None  # (token ids, KV cache)
         self.last_shared_prefix = 0  # for logs and tests: tokens shared by the last job
 
@@ -221,30 +198,11 @@ class TransformersBackend(Backend):
         often end a turn with a token of their own)."""
         return self._eos
 
-    def _model_eos(self) -> frozenset[int]:
-        ids: set[int] = set()
-        config = getattr(self.model, "generation_config", None)
-        for source in (getattr(config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
-        return frozenset(ids)
-
     # -- the job ---------------------------------------------------------------------------------
 
     def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:
         """Token ids per prompt, checked (or left-truncated) against the context length."""
-        limit = self.context - params.max_tokens
-        encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        for i, ids in enumerate(encoded):
-            if len(ids) <= limit:
-                continue
-            if params.truncate_prompt == "error" or limit < 2:
-                raise PromptTooLong(i, len(ids), params.max_tokens, self.context)
-            bos = ids[:1] if ids[0] == self.tokenizer.bos_token_id else []
-            encoded[i] = bos + ids[len(ids) - (limit - len(bos)) :]
-        return encoded
+        return encode_prompts(self.tokenizer, prompts, params, self.context)
 
     def iter_batches(
         self,
@@ -298,7 +256,9 @@ class TransformersBackend(Backend):
             self._prefix = None  # free the old one before computing the next
             cache = DynamicCache(config=self.model.config)
             ids = torch.tensor([prefix], device=self.device)
-            self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            self.model(
+                input_ids=ids, **with_cache(self.model, cache), use_cache=True, logits_to_keep=1
+            )
             self._prefix = (prefix, cache)
         return self._prefix[1]
 
@@ -372,7 +332,7 @@ class TransformersBackend(Backend):
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            cache=cache,
+            **with_cache(self.model, cache),
             use_cache=True,
             logits_to_keep=1,
         )

@@ -25,7 +25,9 @@ from selfalign.run.registry import STAGE, STAGES, names
 from selfalign.stages.stage2_self_align import stage_constitution
 
 # model settings that change what is generated (batch size, device and concurrency do not)
-MODEL_KEYS = ("model", "tokenizer", "backend", "dtype", "base_url", "trust_remote_code")
+MODEL_KEYS = (
+    "model", "tokenizer", "backend", "dtype", "base_url", "trust_remote_code", "extra_body"
+)  # fmt: skip
 
 
 class _PipelineBase(BaseModel):
@@ -95,8 +97,10 @@ def preflight(cfg: PipelineConfig, source: str) -> None:
     """Check what can be checked before any work: model, constitution, input files, run dir."""
     from selfalign.modeling import _check_exists
 
-    if cfg.model.backend == "transformers":
+    if cfg.model.backend != "openai" or cfg.model.serve == "auto":  # loaded from here
         _check_exists(cfg.model.model)
+    if cfg.model.backend == "vllm" or cfg.model.serve == "auto":
+        _check_vllm()
     stage_constitution(cfg.self_align)
     stage1 = cfg.instructions
     for key, value in (
@@ -113,6 +117,16 @@ def preflight(cfg: PipelineConfig, source: str) -> None:
     _check_backend(cfg)
     _check_constitution_fits(cfg)
     _check_writable(Path(cfg.run_dir))
+
+
+def _check_vllm() -> None:
+    """vLLM is importable (found without importing it: that takes seconds)."""
+    import importlib.util
+
+    from selfalign.generation.vllm_backend import INSTALL_HINT
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(INSTALL_HINT)
 
 
 def _check_stage1_inputs(cfg) -> None:
@@ -179,6 +193,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Per stage, in pipeline order, the settings its outputs depend on (hashed for change
     detection); an edit of the constitution file counts as a change of stage 2."""
     model = cfg.model.model_dump(include=set(MODEL_KEYS))
+    if not model["extra_body"]:  # unset: the hashes of runs made before the key existed hold
+        del model["extra_body"]
     constitution = stage_constitution(cfg.self_align).model_dump()
     upstream = {
         "instructions": {"model": model},

@@ -24,6 +24,7 @@ epoch; 100 warm-up steps; cut-off 512 tokens (768 for the final model of stage 4
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -473,6 +474,13 @@ def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, device: str, 
 
     from selfalign.progress import enabled
 
+    # transformers 5.2x renamed gradient_checkpointing (vLLM's CPU build pins transformers <5.20)
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    checkpointing = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
     return SFTConfig(
         output_dir=str(checkpoints),
         max_length=cfg.max_length,
@@ -491,7 +499,7 @@ def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, device: str, 
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
-        activation_checkpointing=cfg.gradient_checkpointing,
+        **{checkpointing: cfg.gradient_checkpointing},
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         # the first step and, in short runs, the last one are always in the training log
         logging_first_step=True,

@@ -1,0 +1,153 @@
+"""The vLLM backends on vLLM's CPU build (`make vllm`), against the transformers backend.
+
+One in-process engine (backend `vllm`) serves the module; the server tests start real vLLM
+servers (`model.serve: auto`). The tiny model has a head size vLLM's CPU attention supports.
+Greedy decoding must give the transformers backend's text, finish reasons and token counts: the
+contract holds whichever engine runs the model.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from selfalign.errors import UserError
+from selfalign.generation import BackendConfig, SamplingParams, load_backend
+from selfalign.generation.base import PromptTooLong
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the tiny model needs little
+
+PREFIX = "A conversation between a curious user and an AI assistant named Quokka. " * 3
+PROMPTS = [
+    PREFIX + "User: what is a river?\nQuokka:",
+    PREFIX + "User: name three colours\nQuokka:",
+    PREFIX + "User: hi\nQuokka:",
+    "The cat",
+    "Hello there, how are you today? I was wondering whether",
+]
+PENALTIES = {1: 0.5, 2: 1.0, 3: 1.0, 4: 2.0}
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_model_dir):
+    backend = load_backend(BackendConfig(model=str(vllm_model_dir), backend="vllm", context=2048))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def reference(vllm_model_dir):
+    from selfalign.generation.transformers_backend import TransformersBackend
+
+    return TransformersBackend.load(str(vllm_model_dir), device="cpu", dtype="float32")
+
+
+def same(a, b) -> None:
+    assert [c.text for c in a] == [c.text for c in b]
+    assert [(c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in a] == [
+        (c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in b
+    ]
+
+
+def test_greedy_equals_the_transformers_backend(engine, reference):
+    params = SamplingParams(temperature=0, max_tokens=40)
+    same(engine.generate(PROMPTS, params), reference.generate(PROMPTS, params))
+
+
+def test_ngram_penalties_inside_vllm_equal_the_reference(engine, reference):
+    plain = SamplingParams(temperature=0, max_tokens=60)
+    penalised = SamplingParams(temperature=0, max_tokens=60, ngram_penalties=PENALTIES)
+    got = engine.generate(PROMPTS, penalised)
+    same(got, reference.generate(PROMPTS, penalised))
+    # the penalties were applied, not ignored
+    assert [c.text for c in got] != [c.text for c in engine.generate(PROMPTS, plain)]
+
+
+def test_logit_bias_eos_and_token_counts(engine, reference):
+    eos = min(engine.eos_token_ids)
+    params = SamplingParams(temperature=0, max_tokens=5, logit_bias={eos: 100})
+    got = engine.generate(PROMPTS, params)
+    # the EOS ends the completion and is counted, as in the transformers backend
+    assert {(c.text, c.finish_reason, c.completion_tokens) for c in got} == {("", "stop", 1)}
+    same(got, reference.generate(PROMPTS, params))
+    token = engine.tokenizer("river", add_special_tokens=False)["input_ids"][0]
+    forced = SamplingParams(temperature=0, max_tokens=4, logit_bias={token: 100})
+    same(engine.generate(PROMPTS, forced), reference.generate(PROMPTS, forced))
+
+
+def test_stop_strings_cut_where_the_transformers_backend_cuts(engine, reference):
+    free = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40))
+    stop = free[0].text[6:9]  # occurs in the first completion, maybe in others
+    params = SamplingParams(temperature=0, max_tokens=40, stop=[stop])
+    got = engine.generate(PROMPTS, params)
+    assert got[0].finish_reason == "stop" and got[0].text == free[0].text[: free[0].text.find(stop)]
+    same(got, reference.generate(PROMPTS, params))
+
+
+def test_per_row_seeds_do_not_depend_on_the_job(engine):
+    params = SamplingParams(temperature=1.0, max_tokens=24)
+    seeds = [11, 12, 13, 14, 15]
+    whole = [c.text for c in engine.generate(PROMPTS, params, seeds)]
+    order = list(range(len(PROMPTS)))
+    random.Random(0).shuffle(order)
+    split = engine.generate([PROMPTS[i] for i in order], params, [seeds[i] for i in order])
+    assert [split[order.index(i)].text for i in range(len(PROMPTS))] == whole
+    other = [c.text for c in engine.generate(PROMPTS, params, [s + 100 for s in seeds])]
+    assert other != whole
+
+
+def test_prompts_are_checked_against_the_context_as_in_every_backend(engine):
+    long = "word " * 3000
+    with pytest.raises(PromptTooLong, match="prompt #1"):
+        engine.generate(["short", long], SamplingParams(max_tokens=8))
+    left = SamplingParams(temperature=0, max_tokens=8, truncate_prompt="left")
+    (cut,) = engine.generate([long + " The cat"], left)
+    assert cut.prompt_tokens == engine.context - 8
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        engine.generate(["x"], SamplingParams(logit_bias={10**6: 1.0}))
+
+
+def test_the_logits_processor_refuses_bad_weights_and_answers_the_probe():
+    from vllm import SamplingParams as VllmParams
+
+    from selfalign.generation.ngram import PROBE_ARG, PROBE_REPLY
+    from selfalign.generation.vllm_ngram import NgramPenalty
+
+    NgramPenalty.validate_params(VllmParams(extra_args={"selfalign_ngram_3": 1.0}))
+    with pytest.raises(ValueError, match="selfalign_ngram_2"):
+        NgramPenalty.validate_params(VllmParams(extra_args={"selfalign_ngram_2": "high"}))
+    with pytest.raises(ValueError, match=PROBE_REPLY):
+        NgramPenalty.validate_params(VllmParams(extra_args={PROBE_ARG: 1}))
+
+
+def test_the_logits_processor_follows_the_batch():
+    """Rows added, moved and removed as vLLM's persistent batch does; penalties follow their
+    request, and each row equals the transformers backend's penalty on the same history."""
+    import torch
+    from vllm import SamplingParams as VllmParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from selfalign.generation.ngram import ngram_args, ngram_penalty
+    from selfalign.generation.vllm_ngram import NgramPenalty
+
+    vocab, rng = 7, random.Random(3)
+    processor = NgramPenalty(None, torch.device("cpu"), False)
+    a, b = [rng.randrange(vocab) for _ in range(12)], [rng.randrange(vocab) for _ in range(9)]
+    with_penalty = VllmParams(extra_args=ngram_args(PENALTIES))
+    added = [(0, with_penalty, None, a), (1, VllmParams(), None, []), (2, with_penalty, None, b)]
+    processor.update_state(BatchUpdate(3, removed=[], added=added, moved=[]))
+
+    def expect(history):
+        return -ngram_penalty(torch.tensor([history]), PENALTIES, vocab)[0]
+
+    got = processor.apply(torch.zeros(3, vocab))
+    assert torch.allclose(got[0], expect(a)) and torch.allclose(got[2], expect(b))
+    assert not got[1].any()
+    a.extend([1, 1, 1])  # vLLM appends to the request's own list as it decodes
+    swap = [(0, 2, MoveDirectionality.SWAP)]
+    processor.update_state(BatchUpdate(3, removed=[1], added=[], moved=swap))
+    got = processor.apply(torch.zeros(3, vocab))
+    assert torch.allclose(got[2], expect(a)) and torch.allclose(got[0], expect(b))
