@@ -120,7 +120,8 @@ def test_stage_checks_name_the_key_and_the_fix():
         stage4.check_backend(stage4.VerboseConfig(), http)
     assert str(e.value) == (
         "stage 'verbose': backend 'openai' cannot apply n-gram penalties of orders 3, 4 "
-        "(verbose.sampling.ngram_penalties); remove them or use backend transformers"
+        "(verbose.sampling.ngram_penalties); remove them, or run them in vLLM (model.backend: "
+        "vllm, or model.server: vllm for a vLLM server) or with backend transformers"
     )
     with pytest.raises(UserError, match=r"^stage 'instructions': EOS suppression needs the "
                        r"model's tokenizer, and backend 'openai' has none; set model.tokenizer "

@@ -112,7 +112,7 @@ def test_order_seeds_and_parameters(server, monkeypatch):
 @pytest.mark.parametrize(
     "server_kind, neutral",
     [
-        ("vllm", {"repetition_penalty": 1.0, "top_k": -1, "min_p": 0.0}),
+        ("vllm", {"repetition_penalty": 1.0, "top_k": -1, "min_p": 0.0, "return_token_ids": True}),
         ("llama.cpp", {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0}),
         ("generic", {}),
     ],
@@ -125,6 +125,30 @@ def test_every_field_a_server_would_default_is_sent_neutral(server, server_kind,
         "model": "m", "prompt": "a", "temperature": 0.0, "top_p": 1.0, "max_tokens": 5,
         "seed": 3, "presence_penalty": 0.0, "frequency_penalty": 0.0, **neutral,
     }  # fmt: skip
+
+
+def test_text_is_decoded_from_the_token_ids_unless_a_stop_string_cut_it(tiny_model_dir):
+    """vLLM's own text drops a trailing partial UTF-8 character; decoded from the ids, a
+    completion reads as the in-process backends write it. A stop string's cut stays the server's."""
+    from selfalign.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ids = tokenizer("caf\u00e9 ok", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+
+    def reply(body):
+        stop = "ok" if body["prompt"] == "cut" else None
+        choice = {"text": "server text", "finish_reason": "stop", "stop_reason": stop,
+                  "token_ids": [*ids, eos]}  # fmt: skip
+        return {"choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 3}}
+
+    url, _, httpd = serve(reply)
+    try:
+        backend = OpenAIBackend("m", url, server="vllm", tokenizer=tokenizer)
+        eos_ended, cut = backend.generate(["eos", "cut"], SamplingParams())
+        assert eos_ended.text == "caf\u00e9 ok" and cut.text == "server text"
+    finally:
+        httpd.shutdown()
 
 
 def test_extra_body_goes_on_top(server):

@@ -99,6 +99,15 @@ def test_per_row_seeds_do_not_depend_on_the_job(engine):
     assert other != whole
 
 
+def test_seeded_long_prompts_that_fill_an_engine_step(engine):
+    """More prompt tokens than one engine step takes: vLLM 0.32 on CPU would prefill one in
+    chunks and then fail its seeded sampling ("CPU Generator does not use offset")."""
+    long = [f"{i} " + "word " * 700 for i in range(8)]  # ~1,400 tokens each
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+    together = [c.text for c in engine.generate(long, params, list(range(8)))]
+    assert together[5] == engine.generate(long[5:6], params, [5])[0].text
+
+
 def test_prompts_are_checked_against_the_context_as_in_every_backend(engine):
     long = "word " * 3000
     with pytest.raises(PromptTooLong, match="prompt #1"):
@@ -151,3 +160,101 @@ def test_the_logits_processor_follows_the_batch():
     processor.update_state(BatchUpdate(3, removed=[1], added=[], moved=swap))
     got = processor.apply(torch.zeros(3, vocab))
     assert torch.allclose(got[2], expect(a)) and torch.allclose(got[0], expect(b))
+
+
+# -- through a real vLLM server -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(vllm_model_dir):
+    """backend openai with serve=auto: selfalign starts the server, and stops it on close."""
+    backend = load_backend(
+        BackendConfig(model=str(vllm_model_dir), backend="openai", serve="auto", context=2048)
+    )
+    yield backend
+    backend.close()
+
+
+def test_a_server_selfalign_starts_gives_the_transformers_backend_output(served, reference):
+    assert served.capabilities.ngram_orders == {1, 2, 3, 4} and served.tokenizer is not None
+    for params in (
+        SamplingParams(temperature=0, max_tokens=40),
+        SamplingParams(temperature=0, max_tokens=60, ngram_penalties=PENALTIES),
+    ):
+        same(served.generate(PROMPTS, params), reference.generate(PROMPTS, params))
+
+
+def test_seeded_sampling_through_the_server_is_reproducible(served):
+    params = SamplingParams(temperature=1.0, max_tokens=16)
+    first = [c.text for c in served.generate(PROMPTS, params, [1, 2, 3, 4, 5])]
+    assert [c.text for c in served.generate(PROMPTS, params, [1, 2, 3, 4, 5])] == first
+
+
+def test_the_server_is_stopped_on_close_and_a_dead_one_is_reported(vllm_model_dir, monkeypatch):
+    """A server without selfalign's processor: n-gram penalties refused (never dropped); close()
+    ends it; a server that dies while starting is one error line carrying its log's end."""
+    from selfalign.generation import server as server_module
+
+    command = server_module.server_command
+
+    def without_processor(cfg, port, name):
+        args = command(cfg, port, name)
+        at = args.index("--logits-processors")
+        return args[:at] + args[at + 2 :]
+
+    monkeypatch.setattr(server_module, "server_command", without_processor)
+    cfg = BackendConfig(model=str(vllm_model_dir), backend="openai", serve="auto", context=2048)
+    backend = load_backend(cfg)
+    process = backend.on_close.__self__.process  # the Server whose stop() it is
+    with pytest.raises(UserError, match="started without selfalign's n-gram logits processor"):
+        backend.generate(["x"], SamplingParams(max_tokens=4, ngram_penalties={3: 1.0}))
+    backend.close()
+    assert process.poll() is not None
+
+    monkeypatch.setattr(server_module, "server_command",
+                        lambda cfg, port, name: [*command(cfg, port, name), "--no-such-flag"])  # fmt: skip
+    with pytest.raises(UserError, match=r"exited with code .* before it was ready; its log"):
+        load_backend(cfg)
+
+
+# -- `selfalign run` through all four stages -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_model_dir(tmp_path_factory):
+    """The demo model, trained briefly: enough for every stage to keep some records."""
+    from selfalign.demo import build_demo_model
+
+    return build_demo_model(
+        tmp_path_factory.mktemp("demo") / "model", epochs=10, log=lambda _: None
+    )
+
+
+@pytest.mark.parametrize(
+    "backend", [["model.backend=vllm"], ["model.backend=openai", "model.serve=auto"]]
+)
+def test_selfalign_run_generates_every_stage_in_vllm(
+    backend, demo_model_dir, tmp_path, monkeypatch, capsys
+):
+    import json
+    from importlib import resources
+
+    import psutil
+    from cli_run import run_main
+
+    demo = str(resources.files("selfalign") / "configs" / "demo.yaml")
+    run = tmp_path / "run"
+    result = run_main(monkeypatch, capsys, "run", demo, f"model.model={demo_model_dir}", *backend,
+                      "--run-dir", str(run), "--quiet")  # fmt: skip
+    assert result.code == 0, result.err
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 4
+    assert manifest["stages"]["self_align"]["counts"]["kept"] > 0
+    assert manifest["stages"]["verbose"]["counts"]["generated"] > 0
+    assert (run / "4_verbose" / "model" / "model.safetensors").exists()
+    # every engine and server was released: no vLLM process outlives its stage
+    assert not [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "vllm" in " ".join(p.cmdline()).lower() or p.name().startswith("VLLM")
+    ]

@@ -230,7 +230,8 @@ def _params_problem(caps: Capabilities, params: SamplingParams, key: str) -> str
         return (
             f"backend {caps.backend!r} cannot apply n-gram penalties of order"
             f"{'s' if len(orders) > 1 else ''} {', '.join(map(str, orders))} "
-            f"({key}.ngram_penalties); remove them or use backend transformers"
+            f"({key}.ngram_penalties); remove them, or run them in vLLM (model.backend: vllm, "
+            "or model.server: vllm for a vLLM server) or with backend transformers"
         )
     return None
 

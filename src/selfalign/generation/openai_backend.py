@@ -336,6 +336,8 @@ class OpenAIBackend(Backend):
             body["vllm_xargs"] = ngram_args(penalties)
         elif 1 in penalties:
             body["frequency_penalty"] = penalties[1]
+        if self.server == "vllm":  # decoded here, as every backend decodes (see _text)
+            body["return_token_ids"] = True
         if params.truncate_prompt == "left":
             body["truncate_prompt_tokens"] = self._prompt_room(params)
             if self.server == "vllm":  # vLLM's default side is the tokenizer's: say it
@@ -413,7 +415,7 @@ class OpenAIBackend(Backend):
             usage = reply.get("usage") or {}
             reason = "length" if choice.get("finish_reason") == "length" else "stop"
             return Completion(
-                choice["text"],
+                self._text(choice),
                 reason,
                 int(usage.get("prompt_tokens", 0)),
                 int(usage.get("completion_tokens", 0)),
@@ -421,6 +423,16 @@ class OpenAIBackend(Backend):
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
             text = " ".join(raw.decode(errors="replace").split())[:200]
             raise UserError(f"{self.base_url}/completions: unexpected reply {text!r}") from None
+
+    def _text(self, choice: dict) -> str:
+        """The completion's text. Given its token ids (vLLM's return_token_ids) and a tokenizer,
+        text that no stop string cut is decoded here from the ids, as the in-process backends
+        decode it (the server's own text holds back a trailing partial UTF-8 character)."""
+        ids = choice.get("token_ids")
+        if ids is None or self.tokenizer is None or isinstance(choice.get("stop_reason"), str):
+            return choice["text"]
+        eos = self.eos_token_ids
+        return self.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
 
     # -- the pool ------------------------------------------------------------------------------
 

@@ -61,6 +61,9 @@ def server_command(cfg: BackendConfig, port: int, name: str) -> list[str]:
         command += ["--max-model-len", str(args["max_model_len"])]
     if args["enforce_eager"]:
         command.append("--enforce-eager")
+    if "enable_chunked_prefill" in args:  # CPU: see engine_args
+        command += ["--no-enable-chunked-prefill",
+                    "--max-num-batched-tokens", str(args["max_num_batched_tokens"])]  # fmt: skip
     if args["trust_remote_code"]:
         command.append("--trust-remote-code")
     return command

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 4096  # requests handed to the engine at once (it schedules its own batches)
+DEFAULT_CPU_BATCH_TOKENS = 8192  # tokens per engine step on CPU (at least one whole prompt)
 YIELD_EVERY = 1.0  # seconds between handing finished rows to the caller (each is an fsync)
 INSTALL_HINT = (
     "backend 'vllm' needs vLLM in this environment: pip install 'selfalign[vllm]' on a GPU "
@@ -48,6 +50,9 @@ INSTALL_HINT = (
 
 
 def import_vllm():
+    """vLLM, imported with its own log at ERROR: its start-up warnings are about vLLM's
+    internals, not the run (VLLM_LOGGING_LEVEL=INFO shows them)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm
     except ImportError as e:
@@ -59,7 +64,7 @@ def engine_args(cfg: BackendConfig) -> dict[str, Any]:
     """`vllm.LLM` keyword arguments from the model config (also the server's flags)."""
     import torch
 
-    from selfalign.modeling import adapter_base
+    from selfalign.modeling import adapter_base, configured_context
 
     if adapter_base(cfg.model):
         raise UserError(
@@ -69,7 +74,8 @@ def engine_args(cfg: BackendConfig) -> dict[str, Any]:
     dtype = cfg.dtype
     if dtype == "auto" and not torch.cuda.is_available():
         dtype = "float32"  # as the transformers backend on CPU
-    return {
+    on_gpu = torch.cuda.is_available()
+    args = {
         "model": cfg.model,
         "dtype": dtype,
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -78,8 +84,15 @@ def engine_args(cfg: BackendConfig) -> dict[str, Any]:
         "trust_remote_code": cfg.trust_remote_code,
         "enable_prefix_caching": cfg.share_prefix,
         # CUDA graphs and torch.compile pay off on GPUs; on CPU they only add start-up time
-        "enforce_eager": not torch.cuda.is_available(),
+        "enforce_eager": not on_gpu,
     }
+    if not on_gpu:
+        # vLLM 0.32 on CPU fails a seeded request whose prompt is prefilled in chunks ("CPU
+        # Generator does not use offset"): every prompt is prefilled in one step instead.
+        context = cfg.context or configured_context(cfg.model) or DEFAULT_CPU_BATCH_TOKENS
+        args["enable_chunked_prefill"] = False
+        args["max_num_batched_tokens"] = max(context, DEFAULT_CPU_BATCH_TOKENS)
+    return args
 
 
 class VllmBackend(Backend):

@@ -74,7 +74,7 @@ class NgramPenalty(LogitsProcessor):
                 rows.append(index)
                 cols.append(token)
                 values.append(-penalty)
-        if False:
+        if rows:
             at = (
                 torch.tensor(rows, device=logits.device),
                 torch.tensor(cols, device=logits.device),

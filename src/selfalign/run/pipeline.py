@@ -249,7 +249,10 @@ class Pipeline:
         if self._backend is not None and self._backend_model != wanted:
             self.release()
         if self._backend is None:
-            self._backend = load_backend(self.cfg.model.model_copy(update={"model": wanted}))
+            update = {"model": wanted}
+            if model:  # another model than the configured one: it is served under its path
+                update["served_name"] = None
+            self._backend = load_backend(self.cfg.model.model_copy(update=update))
             self._backend_model = wanted
         return self._backend
 
