@@ -91,3 +91,14 @@ def test_ngram_args_round_trip_and_refuse_bad_values():
     ):
         with pytest.raises(ValueError, match="selfalign_ngram_"):
             parse_ngram_args(bad)
+
+
+def test_logit_biases_stay_within_openai_range():
+    """vLLM clamps biases to -100..100; a wider one would act differently per backend."""
+    from pydantic import ValidationError
+
+    from selfalign.generation import SamplingParams
+
+    assert SamplingParams(logit_bias={3: -100, 4: 100}).logit_bias == {3: -100, 4: 100}
+    with pytest.raises(ValidationError, match="within -100..100"):
+        SamplingParams(logit_bias={3: -1e9})

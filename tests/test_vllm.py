@@ -217,6 +217,42 @@ def test_the_server_is_stopped_on_close_and_a_dead_one_is_reported(vllm_model_di
         load_backend(cfg)
 
 
+def test_a_server_does_not_outlive_a_killed_selfalign(vllm_model_dir, tmp_path):
+    """SIGKILL leaves no chance to clean up: the server still goes (Linux parent-death signal),
+    and its engine processes with it."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, sys, psutil\n"
+        "from selfalign.generation import BackendConfig, load_backend\n"
+        "b = load_backend(BackendConfig(model=sys.argv[1], backend='openai', serve='auto', "
+        "context=2048))\n"
+        "server = psutil.Process(b.on_close.__self__.process.pid)\n"
+        "print(*[p.pid for p in [server, *server.children(recursive=True)]], flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, str(script), str(vllm_model_dir)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    pids = [int(p) for p in done.stdout.split()]
+    assert done.returncode == -9 and len(pids) >= 2, done.stderr[-2000:]
+
+    def alive(pid: int) -> bool:  # a zombie is dead (nobody may be left to reap it)
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.5)
+    assert not [p for p in pids if alive(p)]
+
+
 # -- `selfalign run` through all four stages -------------------------------------------------------
 
 
@@ -244,6 +280,7 @@ def test_selfalign_run_generates_every_stage_in_vllm(
 
     demo = str(resources.files("selfalign") / "configs" / "demo.yaml")
     run = tmp_path / "run"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # this module's engine
     result = run_main(monkeypatch, capsys, "run", demo, f"model.model={demo_model_dir}", *backend,
                       "--run-dir", str(run), "--quiet")  # fmt: skip
     assert result.code == 0, result.err
@@ -252,9 +289,8 @@ def test_selfalign_run_generates_every_stage_in_vllm(
     assert manifest["stages"]["self_align"]["counts"]["kept"] > 0
     assert manifest["stages"]["verbose"]["counts"]["generated"] > 0
     assert (run / "4_verbose" / "model" / "model.safetensors").exists()
-    # every engine and server was released: no vLLM process outlives its stage
-    assert not [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if "vllm" in " ".join(p.cmdline()).lower() or p.name().startswith("VLLM")
-    ]
+    # every engine and server the run started was released: none outlives it
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    vllm = [p for p in left if p.status() != psutil.STATUS_ZOMBIE
+            and ("vllm" in " ".join(p.cmdline()).lower() or p.name().startswith("VLLM"))]  # fmt: skip
+    assert not vllm

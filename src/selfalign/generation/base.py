@@ -41,7 +41,9 @@ class SamplingParams(BaseModel):
         None, description="Makes sampling reproducible; each row gets its own stream."
     )
     logit_bias: dict[int, float] = Field(
-        default_factory=dict, description="Token id -> bias added to its logit before sampling."
+        default_factory=dict,
+        description="Token id -> bias added to its logit before sampling, -100..100 (OpenAI's "
+        "range; vLLM clamps to it, so every backend takes the same).",
     )
     ngram_penalties: dict[int, float] = Field(
         default_factory=dict,
@@ -60,6 +62,14 @@ class SamplingParams(BaseModel):
         bad = [n for n in v if not 1 <= n <= 4]
         if bad:
             raise ValueError(f"n-gram penalty orders must be 1..4, got {bad}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {t: b for t, b in v.items() if not -100 <= b <= 100}
+        if bad:
+            raise ValueError(f"logit biases must be within -100..100, got {bad}")
         return v
 
     @field_validator("stop")

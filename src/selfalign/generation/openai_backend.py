@@ -32,7 +32,9 @@ its error is raised and the requests still in flight are abandoned.
 
 Token counts are passed through from the server's `usage`. `completion_tokens` is the number of
 tokens the model generated, including the EOS or the token that completed a stop string (though
-neither is in the text), as vLLM and the transformers backend count them.
+neither is in the text), as vLLM and the transformers backend count them. From a vLLM server
+the token ids come back too (`return_token_ids`), and text that no stop string cut is decoded
+here from them, as the in-process backends decode it.
 
 The server tokenizes, but stages still need the tokenizer here (EOS ids to suppress, the token ids
 of "Sorry", chat templates): it is read from `model.tokenizer`, or else from `model.model` when
