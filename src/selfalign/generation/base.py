@@ -263,6 +263,16 @@ def _need_problem(caps: Capabilities, need: Need) -> str | None:
     return None
 
 
+def check_logit_bias(params: SamplingParams, vocab_size: int, hint: str = "") -> None:
+    """Refuse, in one line, logit-bias token ids outside 0..vocab_size-1 (before any work)."""
+    bad = sorted(t for t in params.logit_bias if not 0 <= t < vocab_size)
+    if bad:
+        raise UserError(
+            f"logit_bias: token ids {', '.join(map(str, bad))} are outside the vocabulary "
+            f"(0..{vocab_size - 1}){hint}"
+        )
+
+
 def resolve_seeds(n: int, params: SamplingParams, seeds: Sequence[int] | None) -> list[int]:
     if seeds is not None:
         if len(seeds) != n:

@@ -63,6 +63,7 @@ from selfalign.generation.base import (
     Capabilities,
     Completion,
     SamplingParams,
+    check_logit_bias,
     require,
     resolve_seeds,
 )
@@ -282,13 +283,8 @@ class OpenAIBackend(Backend):
             self._prompt_room(params)
         if params.logit_bias and self.tokenizer is not None:
             size = len(self.tokenizer)
-            bad = sorted(t for t in params.logit_bias if not 0 <= t < size)
-            if bad:
-                raise UserError(
-                    f"logit_bias token ids {', '.join(map(str, bad))} are outside the "
-                    f"tokenizer's vocabulary (0..{size - 1}); model.tokenizer must be the served "
-                    "model's tokenizer"
-                )
+            hint = "; model.tokenizer must be the served model's tokenizer"
+            check_logit_bias(params, size, hint)
         if self._via_processor(params) and not self._probed:
             self._probe_ngram_processor()
 

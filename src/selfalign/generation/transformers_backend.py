@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from selfalign.errors import UserError
 from selfalign.generation.base import (
     ALL_NGRAM_ORDERS,
     Backend,
     Capabilities,
     Completion,
     SamplingParams,
+    check_logit_bias,
     encode_prompts,
     resolve_seeds,
 )
@@ -212,11 +212,7 @@ class TransformersBackend(Backend):
     ) -> Iterator[list[tuple[int, Completion]]]:
         if not prompts:
             return
-        bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
-        if bad:
-            raise UserError(
-                f"logit_bias: token ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})"
-            )
+        check_logit_bias(params, self.vocab_size)
         row_seeds = resolve_seeds(len(prompts), params, seeds)
         encoded = self.encode(prompts, params)
         shared = self._shared_length(encoded)

@@ -30,6 +30,7 @@ from selfalign.generation.base import (
     Capabilities,
     Completion,
     SamplingParams,
+    check_logit_bias,
     encode_prompts,
     resolve_seeds,
 )
@@ -129,11 +130,7 @@ class VllmBackend(Backend):
     ) -> Iterator[list[tuple[int, Completion]]]:
         if not prompts:
             return
-        bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
-        if bad:
-            raise UserError(
-                f"logit_bias: token ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})"
-            )
+        check_logit_bias(params, self.vocab_size)
         row_seeds = resolve_seeds(len(prompts), params, seeds)
         encoded = encode_prompts(self.tokenizer, prompts, params, self.context)
         engine = self.llm.llm_engine
