@@ -184,10 +184,11 @@ def test_a_server_selfalign_starts_gives_the_transformers_backend_output(served,
         same(served.generate(PROMPTS, params), reference.generate(PROMPTS, params))
 
 
-def test_seeded_sampling_through_the_server_is_reproducible(served):
-    params = SamplingParams(temperature=1.0, max_tokens=16)
-    first = [c.text for c in served.generate(PROMPTS, params, [1, 2, 3, 4, 5])]
-    assert [c.text for c in served.generate(PROMPTS, params, [1, 2, 3, 4, 5])] == first
+def test_seeded_sampling_is_the_same_served_or_in_process(served, engine):
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=7)
+    first = [c.text for c in served.generate(PROMPTS, params)]
+    assert [c.text for c in served.generate(PROMPTS, params)] == first
+    assert [c.text for c in engine.generate(PROMPTS, params)] == first
 
 
 def test_the_server_is_stopped_on_close_and_a_dead_one_is_reported(vllm_model_dir, monkeypatch):

@@ -166,7 +166,7 @@ class VllmBackend(Backend):
             top_p=params.top_p,
             max_tokens=params.max_tokens,
             stop=list(params.stop) or None,
-            seed=seed,
+            seed=seed % 2**31,  # as the openai backend sends it: served vLLM samples alike
             logit_bias=dict(params.logit_bias) or None,
             extra_args=ngram_args(params.ngram_penalties) or None,
             output_kind=RequestOutputKind.FINAL_ONLY,
