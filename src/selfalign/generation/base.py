@@ -273,6 +273,15 @@ def check_logit_bias(params: SamplingParams, vocab_size: int, hint: str = "") ->
         )
 
 
+def decoded_text(tokenizer, eos: frozenset[int], choice_text: str, token_ids, stopped_by) -> str:
+    """A vLLM completion's text as every backend writes it: decoded from its token ids (EOS
+    dropped) unless a stop string cut it (`stopped_by` is that string; the engine's cut text is
+    kept then). vLLM's own incremental text holds back a trailing partial UTF-8 character."""
+    if isinstance(stopped_by, str):
+        return choice_text
+    return tokenizer.decode([t for t in token_ids if t not in eos], skip_special_tokens=True)
+
+
 def resolve_seeds(n: int, params: SamplingParams, seeds: Sequence[int] | None) -> list[int]:
     if seeds is not None:
         if len(seeds) != n:

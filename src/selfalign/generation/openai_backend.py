@@ -64,6 +64,7 @@ from selfalign.generation.base import (
     Completion,
     SamplingParams,
     check_logit_bias,
+    decoded_text,
     require,
     resolve_seeds,
 )
@@ -423,14 +424,13 @@ class OpenAIBackend(Backend):
             raise UserError(f"{self.base_url}/completions: unexpected reply {text!r}") from None
 
     def _text(self, choice: dict) -> str:
-        """The completion's text. Given its token ids (vLLM's return_token_ids) and a tokenizer,
-        text that no stop string cut is decoded here from the ids, as the in-process backends
-        decode it (the server's own text holds back a trailing partial UTF-8 character)."""
+        """The completion's text; with its token ids (vLLM's return_token_ids) and a tokenizer,
+        as the in-process backends write it (`decoded_text`)."""
         ids = choice.get("token_ids")
-        if ids is None or self.tokenizer is None or isinstance(choice.get("stop_reason"), str):
+        if ids is None or self.tokenizer is None:
             return choice["text"]
-        eos = self.eos_token_ids
-        return self.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
+        return decoded_text(self.tokenizer, self.eos_token_ids, choice["text"], ids,
+                            choice.get("stop_reason"))  # fmt: skip
 
     # -- the pool ------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,7 +77,7 @@ class Server:
     url: str
     name: str
     log_path: Path
-    stopped: bool = field(default=False)
+    stopped: bool = False
 
     def stop(self) -> None:
         """End the server and its children: SIGTERM to its process group, then SIGKILL."""
@@ -100,17 +100,16 @@ class Server:
 
 def start_vllm_server(cfg: BackendConfig) -> Server:
     from selfalign.generation.vllm_backend import import_vllm
-    from selfalign.modeling import _check_exists
 
-    _check_exists(cfg.model)
     import_vllm()  # a clear error here rather than a dead server
     port = _free_port()
     name = cfg.served_name or cfg.model
+    command = server_command(cfg, port, name)  # checks the model before anything is made
     log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (the server writes it)
         prefix=f"selfalign-vllm-{port}-", suffix=".log", delete=False
     )
     process = subprocess.Popen(
-        server_command(cfg, port, name),
+        command,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -31,6 +31,7 @@ from selfalign.generation.base import (
     Completion,
     SamplingParams,
     check_logit_bias,
+    decoded_text,
     encode_prompts,
     resolve_seeds,
 )
@@ -65,20 +66,19 @@ def engine_args(cfg: BackendConfig) -> dict[str, Any]:
     """`vllm.LLM` keyword arguments from the model config (also the server's flags)."""
     import torch
 
-    from selfalign.modeling import adapter_base, configured_context
+    from selfalign.modeling import _check_exists, adapter_base, configured_context
 
+    _check_exists(cfg.model)
     if adapter_base(cfg.model):
         raise UserError(
             f"model {cfg.model!r} is a LoRA adapter; vLLM loads merged models (stage 3 writes "
             "one next to the adapter unless engrave.merge is false)"
         )
-    dtype = cfg.dtype
-    if dtype == "auto" and not torch.cuda.is_available():
-        dtype = "float32"  # as the transformers backend on CPU
     on_gpu = torch.cuda.is_available()
     args = {
         "model": cfg.model,
-        "dtype": dtype,
+        # auto on CPU: float32, as the transformers backend
+        "dtype": "float32" if cfg.dtype == "auto" and not on_gpu else cfg.dtype,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_model_len": cfg.context,
@@ -111,9 +111,8 @@ class VllmBackend(Backend):
     @classmethod
     def load(cls, cfg: BackendConfig) -> VllmBackend:
         from selfalign.generation.vllm_ngram import NgramPenalty
-        from selfalign.modeling import _check_exists, load_tokenizer, model_eos_ids
+        from selfalign.modeling import load_tokenizer, model_eos_ids
 
-        _check_exists(cfg.model)
         vllm = import_vllm()
         args = engine_args(cfg)
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -178,16 +177,11 @@ class VllmBackend(Backend):
             llm.llm_engine.engine_core.shutdown()
 
     def _completion(self, output: Any) -> Completion:
-        """A finished request as a Completion. Text that no stop string cut is decoded here from
-        the token ids, as the transformers backend decodes it (vLLM's own incremental text holds
-        back a trailing partial UTF-8 character)."""
         choice = output.outputs[0]
-        text = choice.text
-        if not isinstance(choice.stop_reason, str):  # ended on EOS or max_tokens
-            ids = [t for t in choice.token_ids if t not in self._eos]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(
-            text,
+            decoded_text(
+                self.tokenizer, self._eos, choice.text, choice.token_ids, choice.stop_reason
+            ),  # fmt: skip
             "length" if choice.finish_reason == "length" else "stop",
             len(output.prompt_token_ids),
             len(choice.token_ids),
