@@ -30,6 +30,28 @@ def tiny_backend(tiny_model_dir):
     )
 
 
+# a chat template for the tiny model (its trained tokenizer has none)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with CHAT_TEMPLATE in its tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def pipeline_model_dir(tmp_path_factory):
     """The tiny model with a context that holds the default constitution's stage-2 prompt (about

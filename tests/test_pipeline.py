@@ -40,6 +40,7 @@ def write_config(tmp_path: Path, model: Path, **changes) -> Path:
         "self_align": {"identity_questions": None},
         "engrave": dict(TRAIN),
         "verbose": {"min_words": 5, "train": dict(TRAIN)},
+        "evaluate": {"limit": 2, "answers": 1, "max_tokens": 8, "chat_template": False},
     }
     for key, value in changes.items():
         node = data
@@ -66,10 +67,10 @@ def all_ids_unique(run: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (None, ["instructions", "self_align", "engrave", "verbose"]),
+        (None, ["instructions", "self_align", "engrave", "verbose", "evaluate"]),
         ("2", ["self_align"]),
         ("1-2", ["instructions", "self_align"]),
-        ("3-", ["engrave", "verbose"]),
+        ("3-", ["engrave", "verbose", "evaluate"]),
         ("-2", ["instructions", "self_align"]),
         ("self-align", ["self_align"]),
         ("self_align-verbose", ["self_align", "engrave", "verbose"]),
@@ -79,7 +80,7 @@ def test_parse_stages(text, expected):
     assert parse_stages(text) == expected
 
 
-@pytest.mark.parametrize("text", ["5", "2-1", "training"])
+@pytest.mark.parametrize("text", ["6", "2-1", "training"])
 def test_parse_stages_rejects_nonsense(text):
     with pytest.raises(UserError, match="--stages"):
         parse_stages(text)
@@ -184,7 +185,7 @@ def test_full_run_skips_refuses_and_forces(tmp_path, pipeline_model_dir, monkeyp
         assert entry["status"] == "done", stage
         assert entry["seconds"] >= 0 and entry["outputs"]
     # the progress bars counted kept and rejected rows as they came, with the stages' own filters
-    last = {label: progress[-1] for label, progress in statuses.items()}
+    last = {label: progress[-1] for label, progress in statuses.items() if label != "answering"}
     assert {"self-instruct", "topics epoch 0", "tgrt questions", "self-align"} <= set(last)
     tallies = {label: tuple(map(int, re.match(r"(\d+) ok, (\d+) rejected, \d+ tok/s", status).groups()))
                for label, status in last.items()}  # fmt: skip
@@ -200,6 +201,21 @@ def test_full_run_skips_refuses_and_forces(tmp_path, pipeline_model_dir, monkeyp
     ):  # fmt: skip
         assert (run / path).exists(), path
     all_ids_unique(run)
+    # stage 5 scored the three models on raw prompts and had each answer one question
+    results = json.loads((run / "5_evaluate" / "results.json").read_text())
+    assert list(results["mc"]) == ["base", "engraved", "final"]
+    models = {"base": str(pipeline_model_dir), "engraved": str(run / "3_engrave/model"),
+              "final": str(run / "4_verbose/model")}  # fmt: skip
+    assert results["models"] == models
+    for label, modes in results["mc"].items():
+        assert list(modes) == ["raw"] and modes["raw"]["tasks"]["hhh"]["n"] == 8, label
+        answers = read_jsonl(results["answers"]["files"][label])
+        assert [r["id"] for r in answers] == ["vicuna-1"] and len(answers[0]["answers"]) == 1
+    counts = manifest["stages"]["evaluate"]["counts"]
+    assert counts["final truthfulqa_mc1"] == round(
+        results["mc"]["final"]["raw"]["tasks"]["truthfulqa_mc1"]["acc"], 4
+    )
+    assert "Did it work?" in (run / "report" / "index.html").read_text()
 
     # a rerun with the same settings does nothing
     before = (run / "2_self_align" / "sft.jsonl").stat().st_mtime_ns

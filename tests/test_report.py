@@ -4,6 +4,7 @@ import base64
 import json
 from collections import Counter
 from html.parser import HTMLParser
+from pathlib import Path
 
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.run.manifest import Manifest
@@ -159,3 +160,51 @@ def test_principle_citations_use_stage_2_names(tmp_path):
     histogram = {"1 (ethical)": 1, "2 (informative)": 0, "3 (helpful)": 2}
     (tmp_path / "2_self_align/stats.json").write_text(json.dumps({"citations": histogram}))
     assert _citations(tmp_path, rows) == histogram
+
+
+def scores(*accs: float) -> dict:
+    tasks = ("truthfulqa_mc1", "truthfulqa_mc2", "hhh")
+    return {
+        "tasks": {t: {"acc": a, "stderr": 0.05, "n": 20} for t, a in zip(tasks, accs, strict=True)}
+    }
+
+
+def test_report_opens_with_did_it_work(tmp_path):
+    """Stage 5's results.json: the first section, base -> engraved -> final per task (raw
+    prompts), chat-template scores apart, the judge's counts and the answers side by side."""
+    run = tmp_path / "run"
+    make_run(run)
+    out = run / "5_evaluate"
+    question = {"id": "vicuna-1", "question_id": 1, "category": "generic",
+                "turns": ["How can I manage <my> time?"]}  # fmt: skip
+    files = {}
+    for label, answer in (("base", "time time time"), ("final", "Plan your week.")):
+        files[label] = str(out / f"answers/{label}.jsonl")
+        write_jsonl_atomic(Path(files[label]), [{**question, "answers": [answer]}])
+    results = {
+        "tasks": ["truthfulqa_mc1", "truthfulqa_mc2", "hhh"], "limit": 20, "shown": "raw",
+        "mc": {"base": {"raw": scores(0.2, 0.4, 0.5)},
+               "engraved": {"raw": scores(0.25, 0.45, 0.55), "chat": scores(0.3, 0.5, 0.6)},
+               "final": {"raw": scores(0.3, 0.5, 0.65), "chat": scores(0.35, 0.55, 0.7)}},
+        "answers": {"questions": "vicuna", "files": files},
+        "judge": {"final-vs-base": {"total": {"win": 1, "tie": 0, "loss": 0, "invalid": 0}}},
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(results))
+    page = write_report(run).read_text()
+    parser = Collector()
+    parser.feed(page)
+    assert parser.sections[0] == "evaluation"
+    section = page[page.index('id="evaluation"') : page.index('id="stages"')]
+    first_table = section[: section.index("With the chat template")]
+    row = first_table[first_table.index("<td>hhh</td>") :].split("</tr>")[0]
+    assert row.count("<td>") == 6  # task, base, engraved, final, n, last - first
+    assert "0.500 ± 0.050" in row and "0.650 ± 0.050" in row and "+0.150" in row
+    assert "on the first 20 items" in section
+    chat = section[section.index("With the chat template") :]
+    assert "0.700 ± 0.050" in chat and "<th>base</th>" not in chat.split("</table>")[0]
+    assert "final-vs-base: win 1, tie 0, loss 0, invalid 0" in section
+    caption = parser.captions["accuracy per task (raw prompts; error bars: 1 stderr)"]
+    assert "final: truthfulqa_mc1 0.300 ± 0.050" in caption
+    answers = section[section.index("Answers side by side") :]
+    assert "How can I manage &lt;my&gt; time?" in answers
+    assert "time time time" in answers and "Plan your week." in answers

@@ -68,6 +68,7 @@ STAGE_FILES = (
     "3_engrave/model/model.safetensors",
     "4_verbose/verbose.jsonl",
     "4_verbose/model/model.safetensors",
+    "5_evaluate/results.json",
 )
 
 
@@ -118,11 +119,11 @@ def test_forced_stage_marks_later_unselected_stages_stale_then_redoes_them(
     )
     assert code == 0, err
     assert statuses(run) == {"instructions": "done", "self_align": "done",
-                             "engrave": "stale", "verbose": "stale"}  # fmt: skip
+                             "engrave": "stale", "verbose": "stale", "evaluate": "stale"}  # fmt: skip
     # stale outputs are kept until the stage is redone
     assert mtimes(run, *STAGE_FILES[2:]) == {p: before[p] for p in STAGE_FILES[2:]}
     code, out, _ = run_main(monkeypatch, capsys, "status", str(run))
-    assert code == 0 and out.count("stale") == 2
+    assert code == 0 and out.count("stale") == 3
 
     code, _, err = run_main(monkeypatch, capsys, "run", str(config), "--stages", "3-", "-q")
     assert code == 0, err
@@ -227,7 +228,7 @@ def test_log_json_prints_one_event_per_line(run_copy, monkeypatch, capsys):
     code, out, err = run_main(monkeypatch, capsys, "run", str(config), "--log-json")
     assert code == 0
     events = [json.loads(line) for line in err.strip().splitlines()]
-    assert [e["event"] for e in events] == ["stage_skipped"] * 4 + ["run_done"]
+    assert [e["event"] for e in events] == ["stage_skipped"] * 5 + ["run_done"]
     assert [e.get("stage") for e in events[:4]] == [
         "instructions",
         "self_align",

@@ -86,9 +86,9 @@ def generate(
 
 
 def _register_stage_commands() -> None:
-    from selfalign.cli import configs, instructions, pipeline, self_align, training
+    from selfalign.cli import configs, evaluate, instructions, pipeline, self_align, training
 
-    for module in (instructions, self_align, training, pipeline, configs):
+    for module in (instructions, self_align, training, pipeline, evaluate, configs):
         module.register(app)
 
 

@@ -43,14 +43,11 @@ that is a local directory or in the hub cache; the hub is never asked for it imp
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
 import queue
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +65,13 @@ from selfalign.generation.base import (
     require,
     resolve_seeds,
 )
+from selfalign.generation.http import (  # noqa: F401 (MAX_RETRY_WAIT, retry_wait: re-exported)
+    MAX_RETRY_WAIT,
+    Client,
+    RequestFailed,
+    retry_wait,
+)
+from selfalign.generation.http import wait as _wait
 from selfalign.generation.ngram import PROBE_ARG, PROBE_REPLY, ngram_args
 
 if TYPE_CHECKING:
@@ -83,7 +87,6 @@ NEUTRAL: dict[str, dict[str, Any]] = {
     "llama.cpp": {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0},
     "generic": {},
 }
-MAX_RETRY_WAIT = 60.0  # seconds: the longest backoff or Retry-After honoured
 PROBE_PROMPT = "Hello"  # not empty: some servers refuse an empty prompt before any processor
 
 
@@ -130,47 +133,6 @@ def load_http_tokenizer(model: str, tokenizer: str | None, trust_remote_code: bo
     except UserError as e:
         log.info("backend 'openai': no tokenizer (%s; set model.tokenizer)", e)
         return None
-
-
-class RequestFailed(UserError):
-    """A request that failed: `status` is the HTTP status (None when there was no reply),
-    `detail` the server's message or why there was no reply."""
-
-    def __init__(self, url: str, status: int | None, detail: str, attempts: int = 1):
-        self.url, self.status, self.detail = url, status, detail
-        what = f"HTTP {status} from the server" if status else "no reply from the server"
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
-        super().__init__(f"{url}: {what}{tries}: {detail}")
-
-
-def server_message(raw: bytes) -> str:
-    """The message in an error reply (OpenAI's {"error": {"message": ...}}, vLLM's {"message":
-    ...}, or plain text) on one line, at most 300 characters."""
-    text = raw.decode(errors="replace")
-    try:
-        reply = json.loads(text)
-        error = reply.get("error", reply) if isinstance(reply, dict) else reply
-        text = error.get("message", text) if isinstance(error, dict) else str(error)
-    except json.JSONDecodeError:
-        pass
-    return " ".join(str(text).split())[:300]
-
-
-def retry_wait(attempt: int, backoff: float, retry_after: str | None) -> float:
-    """Seconds before retry `attempt` (1, 2, ...): the server's Retry-After when it gives a number
-    of seconds, else `backoff` doubling per attempt; at most MAX_RETRY_WAIT either way."""
-    try:
-        wait = float(retry_after) if retry_after is not None else backoff * 2 ** (attempt - 1)
-    except ValueError:  # an HTTP date: not worth parsing, use our own backoff
-        wait = backoff * 2 ** (attempt - 1)
-    return min(max(wait, 0.0), MAX_RETRY_WAIT)
-
-
-def _wait(cancel: threading.Event | None, seconds: float) -> bool:
-    """Sleep `seconds`, or less when `cancel` is set; whether it was set."""
-    if cancel is None:
-        cancel = threading.Event()
-    return cancel.wait(seconds)
 
 
 class OpenAIBackend(Backend):
@@ -363,46 +325,11 @@ class OpenAIBackend(Backend):
     def _send(
         self, path: str, body: dict | None = None, cancel: threading.Event | None = None
     ) -> bytes:
-        """GET `path` (POST `body` when given) and return the reply. HTTP 429, 5xx, lost
-        connections and timeouts are retried with backoff until `cancel` is set; anything else,
-        or the last failure, raises RequestFailed."""
-        url = f"{self.base_url}{path}"
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        data = None if body is None else json.dumps(body).encode()
-        for attempt in range(1, self.retries + 2):
-            retry_after = None
-            try:
-                request = urllib.request.Request(url, data=data, headers=headers)
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as e:
-                failure = RequestFailed(url, e.code, self._scrub(server_message(e.read())))
-                if e.code != 429 and e.code < 500:
-                    raise failure from None
-                retry_after = e.headers.get("Retry-After")
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", None) or e
-                if isinstance(reason, TimeoutError):
-                    reason = f"timed out after {self.timeout:g} s (model.timeout)"
-                failure = RequestFailed(url, None, self._scrub(str(reason)))
-            if attempt > self.retries:
-                raise RequestFailed(url, failure.status, failure.detail, attempt) from None
-            wait = retry_wait(attempt, self.backoff, retry_after)
-            what = (
-                f"HTTP {failure.status} from {url}"
-                if failure.status
-                else (f"no reply from {url}: {failure.detail}")
-            )
-            log.warning("%s; retry %d/%d in %g s", what, attempt, self.retries, wait)
-            if _wait(cancel, wait):
-                raise failure from None
-        raise AssertionError("unreachable")
-
-    def _scrub(self, text: str) -> str:
-        """`text` without the API key, should a server echo it."""
-        return text.replace(self._api_key, "***") if self._api_key else text
+        """GET `path` (POST `body` when given) and return the reply, retried as
+        `selfalign.generation.http` says until `cancel` is set; else raises RequestFailed."""
+        client = Client(self.base_url, self._api_key, self.timeout, self.retries, self.backoff)
+        # _wait is looked up here, at call time, so tests can replace it and skip the sleeping
+        return client.send(path, body, cancel, pause=_wait)
 
     def _complete(
         self, prompt: str, params: SamplingParams, seed: int, cancel: threading.Event | None

@@ -6,6 +6,7 @@
     RUN/2_self_align/      stage 2 (selfalign.stages.stage2_self_align)
     RUN/3_engrave/model/   stage 3 (selfalign.stages.stage3_engrave)
     RUN/4_verbose/         stage 4 (selfalign.stages.stage4_verbose), final model in model/
+    RUN/5_evaluate/        stage 5 (selfalign.stages.stage5_evaluate), results.json
     RUN/report/index.html  the report (selfalign.run.report)
 
 The stages, their folders, config sections and files come from `selfalign.run.registry`; the

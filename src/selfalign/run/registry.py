@@ -24,6 +24,7 @@ from selfalign.stages.stage1_instructions import Stage1Config
 from selfalign.stages.stage2_self_align import SelfAlignConfig
 from selfalign.stages.stage3_engrave import TrainConfig
 from selfalign.stages.stage4_verbose import VerboseConfig
+from selfalign.stages.stage5_evaluate import EvaluateConfig
 
 if TYPE_CHECKING:
     from selfalign.run.pipeline import Pipeline
@@ -143,6 +144,28 @@ def _verbose(p: Pipeline) -> Outputs:
     return counts, [p.run / path for path in STAGE["verbose"].outputs]
 
 
+def _evaluate(p: Pipeline) -> Outputs:
+    from selfalign.stages.stage5_evaluate import run_evaluate
+
+    p.release()  # scoring loads each model in turn
+    paths = {
+        "base": Path(p.cfg.model.model),
+        "engraved": p.dir("engrave") / "model",
+        "final": p.dir("verbose") / "model",
+    }
+    out = p.dir("evaluate")
+    counts = run_evaluate(
+        p.cfg.evaluate,
+        paths,
+        out,
+        lambda label: p.backend(str(paths[label]) if label != "base" else None),
+        device=p.cfg.model.device,
+        dtype=p.cfg.model.dtype,
+    )
+    p.release()
+    return counts, [out / "results.json"]
+
+
 def train_counts(stats: dict[str, Any]) -> dict[str, Any]:
     keep = ("examples", "truncated", "dropped", "steps", "train_loss", "seconds")
     return {k: stats[k] for k in keep if k in stats}
@@ -200,6 +223,16 @@ STAGES: tuple[Stage, ...] = (
         dataset="verbose.jsonl",
         sample_fields=("instruction", "output"),
         seeded=((), ("train",)),
+    ),
+    Stage(
+        name="evaluate",
+        folder="5_evaluate",
+        config=EvaluateConfig,
+        description="Stage 5: evaluation (TruthfulQA, HHH and answers: base vs engraved vs final).",
+        run=_evaluate,
+        inputs=("3_engrave/model", "4_verbose/model"),
+        outputs=("5_evaluate/results.json",),
+        seeded=((),),
     ),
 )
 STAGE: dict[str, Stage] = {s.name: s for s in STAGES}

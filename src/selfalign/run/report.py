@@ -1,8 +1,8 @@
 """The run report: one self-contained HTML page (`RUN/report/index.html`, images embedded).
 
 It reads only the run directory's files, so `selfalign report RUN` works on a finished run, a
-half-finished one, or one copied from a cluster. Sections appear when their data exists:
-funnels per stage, instruction sources and red-teaming types, topics per type, ROUGE-L
+half-finished one, or one copied from a cluster. Sections appear when their data exists: "Did it
+work?" (stage 5: benchmark scores base -> engraved -> final, answers side by side), funnels per stage, instruction sources and red-teaming types, topics per type, ROUGE-L
 similarity, lengths, principle citations, training loss, sample records, the manifest.
 """
 
@@ -164,6 +164,101 @@ class _Data:
         self.topics = _load(STAGE["instructions"].path(run, "topics.jsonl"))
 
 
+def _score(row: dict[str, Any] | None) -> str:
+    if not row:
+        return ""
+    return f"{row['acc']:.3f} ± {row.get('stderr') or 0:.3f}"
+
+
+def _score_table(mc: dict[str, Any], mode: str) -> tuple[str, list[str], list[str]]:
+    """(HTML table, models, tasks) of the `mode` scores: a row per task, a column per model."""
+    models = [m for m in mc if mode in mc[m]]
+    tasks = list(dict.fromkeys(t for m in models for t in mc[m][mode].get("tasks", {})))
+    head = "<tr><th>task</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    head += "<th>n</th>" + ("<th>last − first</th>" if len(models) > 1 else "") + "</tr>"
+    rows = []
+    for task in tasks:
+        cells = [mc[m][mode]["tasks"].get(task) for m in models]
+        n = max((c.get("n", 0) for c in cells if c), default=0)
+        row = f"<td>{html.escape(task)}</td>" + "".join(f"<td>{_score(c)}</td>" for c in cells)
+        row += f"<td>{n}</td>"
+        if len(models) > 1 and cells[0] and cells[-1]:
+            row += f"<td>{cells[-1]['acc'] - cells[0]['acc']:+.3f}</td>"
+        rows.append(f"<tr>{row}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>", models, tasks
+
+
+def _score_chart(mc: dict[str, Any], models: list[str], tasks: list[str]) -> str:
+    colors = ("#9aa4b8", "#3b6fd8", "#138a36", "#d8573b")
+
+    def draw(ax):
+        width = 0.8 / len(models)
+        for i, model in enumerate(models):
+            rows = [mc[model]["raw"]["tasks"].get(t) or {} for t in tasks]
+            xs = [x + (i - (len(models) - 1) / 2) * width for x in range(len(tasks))]
+            ax.bar(xs, [r.get("acc", 0) for r in rows], width,
+                   yerr=[r.get("stderr") or 0 for r in rows], capsize=2, label=model,
+                   color=colors[i % len(colors)])  # fmt: skip
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+
+    caption = "; ".join(
+        f"{m}: " + ", ".join(f"{t} {_score(mc[m]['raw']['tasks'].get(t))}" for t in tasks)
+        for m in models
+    )
+    return _figure(draw, "accuracy per task (raw prompts; error bars: 1 stderr)", caption)
+
+
+def _side_by_side(results: dict[str, Any]) -> str:
+    files = (results.get("answers") or {}).get("files") or {}
+    answers = {m: {r["id"]: r for r in _load(Path(f))} for m, f in files.items()}
+    if not answers:
+        return ""
+    first = next(iter(answers.values()))
+    rows = []
+    for qid, record in first.items():
+        row = {"question": "\n\n".join(record.get("turns", []))}
+        for model, by_id in answers.items():
+            row[model] = "\n\n".join((by_id.get(qid) or {}).get("answers", []))
+        rows.append(row)
+    return "<h3>Answers side by side</h3>" + _table(rows, ["question", *answers])
+
+
+def _judged(results: dict[str, Any]) -> str:
+    parts = []
+    for pair, summary in (results.get("judge") or {}).items():
+        total = summary.get("total", {})
+        counts = ", ".join(f"{k} {total.get(k, 0)}" for k in ("win", "tie", "loss", "invalid"))
+        parts.append(f"<li>{html.escape(pair)}: {html.escape(counts)}</li>")
+    return f"<h3>Pairwise judge (both orders)</h3><ul>{''.join(parts)}</ul>" if parts else ""
+
+
+def _did_it_work(d: _Data) -> str:
+    path = STAGE["evaluate"].path(d.run, "results.json")
+    if not path.exists():
+        return ""
+    results = json.loads(path.read_text(encoding="utf-8"))
+    mc = results.get("mc") or {}
+    body = ""
+    if mc:
+        table, models, tasks = _score_table(mc, "raw")
+        limit = results.get("limit")
+        subset = f" on the first {limit} items of each task" if limit else ""
+        body += (
+            f"<p>Accuracy{subset}, every model scored on raw prompts (no chat template), the "
+            "one format the base model shares with the tuned ones. TruthfulQA MC1: the single "
+            "true answer has the highest log-likelihood; MC2: the normalised probability mass "
+            "on the true answers; HHH: the better answer has the higher log-likelihood (hhh = "
+            "all 221 items pooled).</p>" + table + _score_chart(mc, models, tasks)
+        )
+        if any("chat" in modes for modes in mc.values()):
+            body += "<h3>With the chat template</h3>" + _score_table(mc, "chat")[0]
+    body += _judged(results) + _side_by_side(results)
+    return _section("Did it work?", body, "evaluation") if body else ""
+
+
 def _stages(d: _Data) -> str:
     stages = d.manifest.get("stages", {})
     if not stages:
@@ -260,7 +355,7 @@ def _grid(title: str, figures: list[str], anchor: str) -> str:
     return _section(title, f'<div class="grid">{"".join(figures)}</div>', anchor) if figures else ""
 
 
-SECTIONS = (_stages, _funnels, _instruction_sources, _topics, _similarity, _lengths,
+SECTIONS = (_did_it_work, _stages, _funnels, _instruction_sources, _topics, _similarity, _lengths,
             _principles, _training, _samples, _manifest)  # fmt: skip
 
 
