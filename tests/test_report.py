@@ -197,7 +197,7 @@ def test_report_opens_with_did_it_work(tmp_path):
     section = page[page.index('id="evaluation"') : page.index('id="stages"')]
     first_table = section[: section.index("With the chat template")]
     row = first_table[first_table.index("<td>hhh</td>") :].split("</tr>")[0]
-    assert row.count("<td>") == 6  # task, base, engraved, final, n, last - first
+    assert row.count("<td>") == 6 and "<th>final − base</th>" in first_table  # + n, change
     assert "0.500 ± 0.050" in row and "0.650 ± 0.050" in row and "+0.150" in row
     assert "on the first 20 items" in section
     chat = section[section.index("With the chat template") :]

@@ -69,7 +69,7 @@ def evaluate(
     judge_key_env: _opt(
         str, "Environment variable holding the judge's API key."
     ) = "OPENAI_API_KEY",
-    output: _opt(Path, "Folder for the results (resumes).") = Path("eval"),
+    output: _opt(Path, "Folder for the results (resumes).") = Path("runs/eval"),
     list_tasks: _opt(bool, "List the tasks and exit.", "--list-tasks") = False,
 ) -> None:
     """Did it work? Score models on TruthfulQA MC1/MC2 and HHH (lm-evaluation-harness, bundled

@@ -175,7 +175,8 @@ def _score_table(mc: dict[str, Any], mode: str) -> tuple[str, list[str], list[st
     models = [m for m in mc if mode in mc[m]]
     tasks = list(dict.fromkeys(t for m in models for t in mc[m][mode].get("tasks", {})))
     head = "<tr><th>task</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in models)
-    head += "<th>n</th>" + ("<th>last − first</th>" if len(models) > 1 else "") + "</tr>"
+    change = f"<th>{html.escape(models[-1])} − {html.escape(models[0])}</th>"
+    head += "<th>n</th>" + (change if len(models) > 1 else "") + "</tr>"
     rows = []
     for task in tasks:
         cells = [mc[m][mode]["tasks"].get(task) for m in models]
@@ -250,8 +251,8 @@ def _did_it_work(d: _Data) -> str:
             f"<p>Accuracy{subset}, every model scored on raw prompts (no chat template), the "
             "one format the base model shares with the tuned ones. TruthfulQA MC1: the single "
             "true answer has the highest log-likelihood; MC2: the normalised probability mass "
-            "on the true answers; HHH: the better answer has the higher log-likelihood (hhh = "
-            "all 221 items pooled).</p>" + table + _score_chart(mc, models, tasks)
+            "on the true answers; HHH: the better answer has the higher log-likelihood (hhh: its "
+            "four subsets' items pooled).</p>" + table + _score_chart(mc, models, tasks)
         )
         if any("chat" in modes for modes in mc.values()):
             body += "<h3>With the chat template</h3>" + _score_table(mc, "chat")[0]

@@ -179,9 +179,12 @@ def _judge(cfg: EvaluateConfig, out: Path, answers: dict[str, Path]) -> dict[str
 
 
 def summary_counts(results: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's counts: each model's raw-prompt accuracy per task."""
+    """The manifest's counts: each model's raw-prompt accuracy per task asked for (a group's
+    subsets are in results.json)."""
     counts: dict[str, Any] = {}
     for label, modes in results["mc"].items():
-        for task, row in modes.get("raw", {}).get("tasks", {}).items():
-            counts[f"{label} {task}"] = round(row["acc"], 4)
+        rows = modes.get("raw", {}).get("tasks", {})
+        for task in results["tasks"]:
+            if task in rows:
+                counts[f"{label} {task}"] = round(rows[task]["acc"], 4)
     return counts
