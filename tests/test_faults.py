@@ -1,5 +1,5 @@
 """Faults injected into real `selfalign run` processes (`tests/faults.py`): SIGKILL at 13 points
-across the four stages, torn writes, Ctrl-C and a full disk. After each, a plain rerun must
+across the first four stages (stage 5 runs after each), torn writes, Ctrl-C and a full disk. After each, a plain rerun must
 complete, write every id exactly once, keep the manifest's counts equal to the files' lines, and
 produce data byte-identical to one uninterrupted run with the same seeds."""
 
@@ -55,7 +55,7 @@ def reference(tmp_path_factory, pipeline_model_dir):
 def check_like_reference(run: Path, reference: Path) -> None:
     manifest = json.loads((run / "manifest.json").read_text())
     assert {n: s["status"] for n, s in manifest["stages"].items()} == dict.fromkeys(
-        ("instructions", "self_align", "engrave", "verbose"), "done"
+        ("instructions", "self_align", "engrave", "verbose", "evaluate"), "done"
     )
     assert data_files(run) == data_files(reference)
     all_ids_unique(run)

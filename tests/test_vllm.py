@@ -254,7 +254,7 @@ def test_a_server_does_not_outlive_a_killed_selfalign(vllm_model_dir, tmp_path):
     assert not [p for p in pids if alive(p)]
 
 
-# -- `selfalign run` through all four stages -------------------------------------------------------
+# -- `selfalign run` through all five stages -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -286,8 +286,12 @@ def test_selfalign_run_generates_every_stage_in_vllm(
                       "--run-dir", str(run), "--quiet")  # fmt: skip
     assert result.code == 0, result.err
     manifest = json.loads((run / "manifest.json").read_text())
-    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 4
+    assert [s["status"] for s in manifest["stages"].values()] == ["done"] * 5
     assert manifest["stages"]["self_align"]["counts"]["kept"] > 0
+    # stage 5: each model's answers were generated through vLLM too (3 questions each)
+    for label in ("base", "engraved", "final"):
+        answers = run / "5_evaluate" / "answers" / f"{label}.jsonl"
+        assert len(answers.read_text().splitlines()) == 3, label
     assert manifest["stages"]["verbose"]["counts"]["generated"] > 0
     assert (run / "4_verbose" / "model" / "model.safetensors").exists()
     # every engine and server the run started was released: none outlives it

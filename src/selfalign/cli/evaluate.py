@@ -157,18 +157,13 @@ def _answer_all(specs: dict, bench: str, limit, max_tokens: int, output: Path) -
 
 def _judge_all(files: dict[str, str], url: str, model: str, key_env: str, output: Path) -> dict:
     """The first model against each of the others."""
-    from selfalign.evaluation.judge import Judge, format_judge_table, judge_pair
-    from selfalign.jsonl import read_jsonl
+    from selfalign.evaluation.judge import Judge, format_judge_table, judge_pairs
 
     judge = Judge(url=url, model=model, api_key_env=key_env or None)
-    labels = list(files)
-    summaries = {}
-    for other in labels[1:]:
-        names = (labels[0], other)
-        name = f"{names[0]}-vs-{other}"
-        summaries[name] = judge_pair(judge, read_jsonl(files[names[0]]), read_jsonl(files[other]),
-                                     output / "judge" / f"{name}.jsonl", names=names)  # fmt: skip
-        typer.echo(format_judge_table(summaries[name], names))
+    first, *others = files
+    summaries = judge_pairs(judge, files, [(first, o) for o in others], output / "judge")
+    for summary, other in zip(summaries.values(), others, strict=True):
+        typer.echo(format_judge_table(summary, (first, other)))
     return summaries
 
 

@@ -173,6 +173,23 @@ def judge_pair(
     return summarize(pairs, by_id, judge.model, names)
 
 
+def judge_pairs(
+    judge: Judge, answers: dict[str, str | Path], pairs: Sequence[tuple[str, str]], out: Path
+) -> dict[str, dict[str, Any]]:
+    """`judge_pair` for each (first, second) of `pairs` whose two answer files are in `answers`
+    ({model: JSONL}); verdicts in out/<first>-vs-<second>.jsonl. Returns the summaries by name."""
+    from selfalign.jsonl import read_jsonl
+
+    summaries = {}
+    for first, second in pairs:
+        if first in answers and second in answers:
+            name = f"{first}-vs-{second}"
+            summaries[name] = judge_pair(judge, read_jsonl(answers[first]),
+                                         read_jsonl(answers[second]), out / f"{name}.jsonl",
+                                         names=(first, second))  # fmt: skip
+    return summaries
+
+
 def pair_answers(a: list[dict], b: list[dict], names: Sequence[str]) -> list[tuple[dict, dict]]:
     """a's and b's records of each question, in a's order; a question only one side answered,
     or answers that do not fit their turns, is one line naming the ids."""

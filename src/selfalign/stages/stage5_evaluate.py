@@ -163,19 +163,10 @@ def _judge(cfg: EvaluateConfig, out: Path, answers: dict[str, Path]) -> dict[str
     """Pairwise verdicts for each configured pair whose two models answered."""
     if cfg.judge is None or not answers:
         return {}
-    from selfalign.evaluation.judge import Judge, judge_pair
-    from selfalign.jsonl import read_jsonl
+    from selfalign.evaluation.judge import Judge, judge_pairs
 
     judge = Judge(url=cfg.judge.url, model=cfg.judge.model, api_key_env=cfg.judge.api_key_env)
-    summaries = {}
-    for first, second in cfg.judge.pairs:
-        if first not in answers or second not in answers:
-            continue
-        name = f"{first}-vs-{second}"
-        summaries[name] = judge_pair(judge, read_jsonl(answers[first]),
-                                     read_jsonl(answers[second]), out / f"{name}.jsonl",
-                                     names=(first, second))  # fmt: skip
-    return summaries
+    return judge_pairs(judge, answers, cfg.judge.pairs, out)
 
 
 def summary_counts(results: dict[str, Any]) -> dict[str, Any]:
