@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -182,9 +183,9 @@ def _check_backend(cfg: PipelineConfig) -> None:
 def _check_writable(run: Path) -> None:
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a name of its own: two runs started together on one directory must not remove each
+        # other's probe (the loser is then refused by the lock, naming the winner)
+        tempfile.TemporaryFile(dir=run).close()
     except OSError as e:
         raise UserError(f"run directory {str(run)!r} is not writable ({e.strerror})") from None
 
