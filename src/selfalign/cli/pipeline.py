@@ -33,6 +33,18 @@ def run(
     log_json: Annotated[
         bool, typer.Option("--log-json", help="Events as JSON lines on stderr (clusters).")
     ] = False,
+    print_slurm: Annotated[
+        Path | None,
+        typer.Option(
+            "--print-slurm",
+            metavar="DIR",
+            help="Run nothing: write Slurm scripts into DIR (stages 1-2 as array jobs, then "
+            "training) and say how to submit them.",
+        ),
+    ] = None,
+    shards: Annotated[
+        int, typer.Option("--shards", help="With --print-slurm: array tasks per stage step.")
+    ] = 8,
 ) -> None:
     """Take a base model through all four stages into a run directory (resumable)."""
     import os
@@ -42,6 +54,9 @@ def run(
     from selfalign.run.pipeline import Events, run_pipeline
     from selfalign.run.settings import check_force, load_pipeline_config, parse_stages
 
+    if print_slurm is not None:
+        _print_slurm(config, overrides or [], run_dir, print_slurm, shards)
+        return
     if quiet or log_json:
         os.environ["SELFALIGN_PROGRESS"] = "0"
     selected = parse_stages(stages)
@@ -54,6 +69,19 @@ def run(
     stages = manifest.data["stages"].values()
     done = sum(s["status"] == "done" for s in stages)
     typer.echo(f"{cfg.run_dir}: {done}/{len(stages)} stages done; selfalign status {cfg.run_dir}")
+
+
+def _print_slurm(
+    config: Path, overrides: list[str], run_dir: Path | None, folder: Path, shards: int
+) -> None:
+    import shlex
+
+    from selfalign.run.slurm import SUBMIT, read_pipeline_config, slurm_scripts, write_scripts
+
+    cfg = read_pipeline_config(config, overrides, run_dir)
+    written = write_scripts(folder, slurm_scripts(cfg, config, folder, shards, overrides))
+    typer.echo(f"{folder}: {len(written)} files written; edit the #SBATCH lines, then from here:")
+    typer.echo(f"  bash {shlex.quote(str(folder / SUBMIT))}")
 
 
 def _print_samples(run: Path, n: int = 2) -> None:
