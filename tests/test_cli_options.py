@@ -99,6 +99,9 @@ def _sample(annotation: Any, default: Any, flag: str) -> tuple[list[str], Any]:
         return [flag, "1=2", flag, "2=-3.5"], {1: 2.0, 2: -3.5}
     if get_origin(annotation) is list:
         return [flag, "a", flag, "b"], ["a", "b"]
+    words = [w for a in inner if get_origin(a) is Literal for w in get_args(a)]
+    if words:  # a number or a word (processes: N | auto)
+        return [flag, words[0]], words[0]
     if annotation is int:
         sample = 11 if default is None else default + 2
     elif annotation is float:

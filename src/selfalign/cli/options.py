@@ -145,6 +145,9 @@ def _option_type(annotation: Any, flag: str) -> tuple[Any, Callable[[Any], Any],
         return list[str], list, {"metavar": "TEXT"}
     if origin is dict and args == (int, float):  # token ids or n-gram orders -> weights
         return list[str], functools.partial(parse_pairs, option=flag), {"metavar": "N=X"}
+    words = [w for a in inner if get_origin(a) is Literal for w in get_args(a)]
+    if words and len(inner) == 2:  # a number or a word (processes: 4 | auto): the model parses it
+        return str, _same, {"metavar": "|".join(["N", *words])}
     raise TypeError(f"{flag}: no command-line form for a {annotation!r} field")
 
 

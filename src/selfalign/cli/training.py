@@ -93,7 +93,8 @@ ConstitutionOpt = Annotated[
 @config_flags(
     TrainConfig,
     keys("", "model", "method", "max_length", "epochs", "max_steps", "learning_rate",
-         "effective_batch_size", "micro_batch_size", "seed", "device", "precision"),
+         "effective_batch_size", "micro_batch_size", "seed", "device", "precision", "processes",
+         "distributed"),
     config_help="YAML with TrainConfig keys (as engrave: in a pipeline config).",
 )  # fmt: skip
 @field_flags(Identity, IDENTITY_FLAGS, into="identity", show_defaults=False)

@@ -17,9 +17,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from selfalign import children
 from selfalign.errors import UserError
 
 if TYPE_CHECKING:
@@ -38,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PROCESSOR = "selfalign.generation.vllm_ngram:NgramPenalty"
 START_TIMEOUT = 3600.0  # seconds: a 65B checkpoint can take many minutes to load
-STOP_TIMEOUT = 30.0
 
 
 def server_command(cfg: BackendConfig, port: int, name: str) -> list[str]:
@@ -84,13 +81,7 @@ class Server:
         if self.stopped:
             return
         self.stopped = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        children.stop(self.process)
         log.info("vLLM server for %s stopped", self.name)
 
     def tail(self, lines: int = 5) -> str:
@@ -102,19 +93,14 @@ def start_vllm_server(cfg: BackendConfig) -> Server:
     from selfalign.generation.vllm_backend import import_vllm
 
     import_vllm()  # a clear error here rather than a dead server
-    port = _free_port()
+    port = children.free_port()
     name = cfg.served_name or cfg.model
     command = server_command(cfg, port, name)  # checks the model before anything is made
     log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (the server writes it)
         prefix=f"selfalign-vllm-{port}-", suffix=".log", delete=False
     )
-    process = subprocess.Popen(
-        command,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: stop() reaches its workers
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    process = children.start(
+        command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
     )
     log_file.close()
     server = Server(process, f"http://127.0.0.1:{port}/v1", name, Path(log_file.name))
@@ -147,17 +133,3 @@ def _wait_healthy(server: Server) -> None:
         f"the vLLM server for {server.name} was not ready after {START_TIMEOUT:.0f} s; see "
         f"{server.log_path}"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when selfalign dies, even by SIGKILL (Linux)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -202,13 +202,25 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
         "self_align": {"model": model, "constitution_content": config_hash(constitution)},
         "engrave": {"model": model["model"]},
     }
-    settings = {s.name: {**upstream.get(s.name, {}), **getattr(cfg, s.name).model_dump()}
-                for s in STAGES}  # fmt: skip
+    settings = {s.name: {**upstream.get(s.name, {}), **_hashed(cfg, s.name)} for s in STAGES}
     settings = _with_file_contents(settings)
     # as JSON sees them (string keys), so they compare equal to what the manifest stored
     return {
         name: json.loads(json.dumps(v, sort_keys=True, default=str)) for name, v in settings.items()
     }
+
+
+def _hashed(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    """A stage's own settings, less how its training is spread over processes: a finished model
+    stays finished when only that changes (checkpoints check it for themselves)."""
+    from selfalign.training.sft import LAUNCH_KEYS
+
+    section, launch = getattr(cfg, name), set(LAUNCH_KEYS)
+    if name == "engrave":
+        return section.model_dump(exclude=launch)
+    if name == "verbose":
+        return section.model_dump(exclude={"train": launch})
+    return section.model_dump()
 
 
 def _with_file_contents(value: Any) -> Any:

@@ -9,6 +9,8 @@ Writes `out_dir`, a model directory that transformers and `vllm serve` load as i
 of the recipe (`selfalign.training.sft`: merged model, adapter/, tokenizer, training log) and its
 metadata (`selfalign.training.model_dir`: train_stats.json, model card, train_config.yaml).
 A rerun resumes from the last checkpoint; a finished run with the same config and data is skipped.
+With `processes` > 1 the training runs in that many processes under `accelerate launch`
+(`selfalign.training.launch`), each calling `run_engrave` again.
 Stage 4 trains its final model through `run_engrave` too.
 """
 
@@ -23,7 +25,7 @@ from selfalign.errors import UserError
 from selfalign.jsonl import check_unique_ids, read_records
 from selfalign.text.constitution import Identity
 from selfalign.text.conversation import check_sft_row
-from selfalign.training import model_dir, sft
+from selfalign.training import launch, model_dir, sft
 from selfalign.training.sft import TrainConfig
 
 __all__ = ["ENGRAVE_DATA", "TrainConfig", "load_sft_rows", "run_engrave"]
@@ -54,7 +56,17 @@ def run_engrave(
     if done is not None:
         return done
     started = time.perf_counter()
-    rows = load_sft_rows(sft_path)
+    rows = load_sft_rows(sft_path)  # checked here once, not once per launched process
+    n = 1 if launch.launched() else launch.processes(cfg)
+    if n > 1:
+        if callbacks:
+            raise ValueError("callbacks cannot reach launched training processes")
+        job = {"config": cfg.model_dump(), "sft_path": str(Path(sft_path).resolve()),
+               "out_dir": str(out_dir.resolve()), "identity": identity.model_dump(),
+               "constitution": constitution, "command": command,
+               "data_description": data_description}  # fmt: skip
+        launch.train_launched(cfg, n, job, out_dir)
+        return model_dir.train_stats(out_dir)
     stats = sft.train(cfg, model_name, rows, out_dir, identity, fingerprint, callbacks, sft_path)
     stats.update(
         identity=identity.model_dump(),

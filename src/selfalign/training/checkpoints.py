@@ -4,6 +4,10 @@ Reads and moves folders under `out_dir/checkpoints/` (the Trainer's `output_dir`
 
     checkpoint-N/                     written by the Trainer every `save_steps` and at the end
     selfalign_fingerprint.txt         the run the checkpoints belong to (written by `sft.train`)
+    selfalign_processes.txt           how many processes wrote them, and how they shared the model
+                                      ("2 processes (fsdp)"): each process saves its own RNG state
+                                      (and its shard of the weights and optimizer under FSDP or
+                                      ZeRO-3), so they resume only under the same layout
     incomplete-checkpoint-N-<time>/   a checkpoint that cannot be resumed, set aside (never deleted
                                       here; it goes with checkpoints/ when the run succeeds)
 
@@ -38,6 +42,7 @@ from selfalign.jsonl import write_text_atomic
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "selfalign_fingerprint.txt"
+LAYOUT_FILE = "selfalign_processes.txt"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's own pattern
 
@@ -58,10 +63,13 @@ OPTIONAL = ("adapter_config.json", "scaler.pt")
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "scaler.pt", TRAINER_STATE, "training_args.bin"}
 
 
-def resume_point(checkpoints: Path, run_fingerprint: str, move: bool = True) -> Path | None:
+def resume_point(
+    checkpoints: Path, run_fingerprint: str, layout: str, move: bool = True
+) -> Path | None:
     """The newest complete checkpoint of this run, None for a fresh start; a UserError when the
-    checkpoints are another run's. Incomplete newer ones are set aside with a warning naming
-    where they went (when `move`: the other processes of a multi-GPU run only skip them)."""
+    checkpoints are another run's, or were written by another number of processes (`layout`, as
+    `layout_of` says it). Incomplete newer ones are set aside with a warning naming where they
+    went (when `move`: the other processes of a multi-GPU run only skip them)."""
     found = sorted(_checkpoints(checkpoints), key=lambda p: -step_of(p))
     if not found:
         return None
@@ -70,6 +78,13 @@ def resume_point(checkpoints: Path, run_fingerprint: str, move: bool = True) -> 
         raise UserError(
             f"{checkpoints} holds checkpoints of a run with other settings or data; "
             "delete that folder or set resume: false"
+        )
+    written = checkpoints / LAYOUT_FILE
+    if written.is_file() and (was := written.read_text().strip()) != layout:
+        raise UserError(
+            f"{checkpoints} was written by {was}, this run has {layout}: resume with the same "
+            "processes and distributed settings, or delete that folder (or set resume: false) "
+            "to train from the start"
         )
     for folder in found:
         problem = checkpoint_problem(folder)
@@ -139,8 +154,14 @@ def set_aside(folder: Path) -> Path:
     return target
 
 
-def write_fingerprint(checkpoints: Path, run_fingerprint: str) -> None:
+def write_fingerprint(checkpoints: Path, run_fingerprint: str, layout: str) -> None:
     write_text_atomic(checkpoints / FINGERPRINT_FILE, run_fingerprint + "\n")
+    write_text_atomic(checkpoints / LAYOUT_FILE, layout + "\n")
+
+
+def layout_of(processes: int, distributed: str) -> str:
+    """How a run is spread, as the checkpoints record it: '1 process', '2 processes (fsdp)'."""
+    return "1 process" if processes == 1 else f"{processes} processes ({distributed})"
 
 
 def step_of(checkpoint: Path | str | None) -> int:

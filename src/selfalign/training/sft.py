@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINING_LOG = "training_log.jsonl"
+# How the run is spread over processes, not what it trains: a finished model stays finished when
+# they change (the effective batch is the same), though checkpoints resume only under the same.
+LAUNCH_KEYS = ("processes", "distributed", "accelerate_config")
 
 
 class TrainConfig(BaseModel):
@@ -115,6 +118,19 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA if present, else CPU."
     )
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="Training processes, one per GPU (auto: every visible GPU); more than 1 runs "
+        "under accelerate launch (gloo on CPU).",
+    )
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="How several processes share the model: ddp (a copy each), fsdp (sharded; "
+        "configs/accelerate/fsdp.yaml) or deepspeed (ZeRO-3; pip install 'selfalign[deepspeed]').",
+    )
+    accelerate_config: str | None = Field(
+        None, description="Your own accelerate config file, instead of distributed's shipped one."
+    )
     gradient_checkpointing: bool = Field(True, description="Trade compute for memory.")
     group_by_length: bool = Field(
         False, description="Batch examples of similar length (less padding)."
@@ -176,9 +192,11 @@ def check_config(cfg: TrainConfig) -> str:
 def fingerprint(cfg: TrainConfig, identity: Identity, sft_path: str | Path) -> str:
     """What a finished or checkpointed run was made from: config, identity, data bytes."""
     digest = hashlib.sha256()
-    settings = cfg.model_dump(
-        exclude={"resume", "keep_checkpoints", "logging_steps", "save_total_limit"}
-    )
+    settings = cfg.model_dump(exclude={"resume", "keep_checkpoints", "logging_steps",
+                                       "save_total_limit", *LAUNCH_KEYS})  # fmt: skip
+    # 16 and 16.0 are one setting (a default int, a float read back from a file or job)
+    settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                for k, v in settings.items()}  # fmt: skip
     systems = [system_prompt(identity, v) for v in cfg.system_prompts]  # prompt files' contents
     digest.update(json.dumps([settings, identity.model_dump(), systems], sort_keys=True).encode())
     try:
@@ -466,7 +484,21 @@ def _trainer(cfg, model, tokenizer, conversations, out_dir: Path, plan: Schedule
     )
     if not enabled():  # quiet mode: the JSONL log has every step; no dicts on stdout
         trainer.remove_callback(PrinterCallback)
+    _check_distributed(trainer, cfg)
     return trainer
+
+
+def _check_distributed(trainer, cfg: TrainConfig) -> None:
+    """Several processes share the model as `distributed` says, or the run stops: accelerate
+    falls back to plain DDP without a word when its FSDP or DeepSpeed settings do not apply."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or cfg.distributed == "ddp":
+        return
+    enabled = trainer.is_fsdp_enabled if cfg.distributed == "fsdp" else trainer.is_deepspeed_enabled
+    if not enabled:
+        raise UserError(
+            f"distributed: {cfg.distributed} was asked for, but accelerate did not enable it "
+            f"(accelerate_config: {cfg.accelerate_config or 'the shipped one'}); check that file"
+        )
 
 
 def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, device: str, precision: str):
@@ -513,6 +545,7 @@ def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, device: str, 
         report_to="none",
         disable_tqdm=not enabled(),
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trained parameter gets a gradient every step
     )
 
 
@@ -569,10 +602,12 @@ def _train_steps(trainer, cfg: TrainConfig, out_dir: Path, run_fingerprint: str)
     Trainer would run a step past max_steps whenever an epoch holds several steps.
     """
     checkpoints = out_dir / "checkpoints"
+    layout = ckpt.layout_of(int(os.environ.get("WORLD_SIZE", "1")), cfg.distributed)
     resume = None
     if cfg.resume:
-        resume = ckpt.resume_point(checkpoints, run_fingerprint, move=main_process())
-    ckpt.write_fingerprint(checkpoints, run_fingerprint)
+        resume = ckpt.resume_point(checkpoints, run_fingerprint, layout, move=main_process())
+    if main_process():
+        ckpt.write_fingerprint(checkpoints, run_fingerprint, layout)
     if main_process():
         _trim_log(out_dir / TRAINING_LOG, ckpt.step_of(resume))
     if resume is not None:
@@ -620,6 +655,8 @@ def _save_outputs(trainer, cfg: TrainConfig, out_dir: Path) -> None:
     Called on every process: under FSDP/DeepSpeed saving gathers weights from all of them.
     """
     target = out_dir if cfg.method == "full" else out_dir / "adapter"
+    if trainer.is_fsdp_enabled:  # checkpoints are sharded; the model is gathered whole on rank 0
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(target))
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(str(out_dir))
