@@ -196,3 +196,19 @@ def test_pipeline_stage_3_with_two_processes(tmp_path, pipeline_model_dir, monke
     fewer = load_pipeline_config(config, ["engrave.processes=1"])
     manifest = run_pipeline(fewer, stages=parse_stages("1-3"), report=False).data
     assert manifest["stages"]["engrave"]["status"] == "done"
+
+
+@pytest.mark.slow
+def test_selfalign_engrave_under_accelerate_launch_by_hand(tiny_model_dir, sft_file, tmp_path):
+    # each process runs the command and trains in place (it is one of a launched job)
+    command = _engrave_command(tmp_path, tiny_model_dir, sft_file, 1)
+    by_hand = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", *command[2:]]  # fmt: skip
+    done = subprocess.run(by_hand, env={**os.environ, "SELFALIGN_PROGRESS": "0"},
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "model" / "train_stats.json").read_text())
+    assert (stats["world_size"], stats["gradient_accumulation"], stats["steps"]) == (2, 1, 8)
+    assert done.stderr.count(": trained on ") == 1, done.stderr[-2000:]  # rank 0's summary
+    assert not (tmp_path / "model" / launch.LAUNCH_DIR).exists()  # nothing was launched again

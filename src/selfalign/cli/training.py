@@ -30,6 +30,7 @@ from selfalign.run.lock import hold_out_dir
 from selfalign.stages.stage3_engrave import TrainConfig
 from selfalign.stages.stage4_verbose import VerboseConfig
 from selfalign.text.constitution import Identity
+from selfalign.training.sft import main_process
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def engrave(
     released = _identity(_load_constitution(constitution), identity)
     hold_out_dir(out)
     stats = run_engrave(cfg, data, out, released, constitution=_constitution_label(constitution))
-    typer.echo(_train_summary(out, stats), err=True)
+    if main_process():  # under `accelerate launch`: one summary, rank 0's
+        typer.echo(_train_summary(out, stats), err=True)
 
 
 def _train_summary(out: Path, stats: dict[str, Any]) -> str:
