@@ -105,7 +105,7 @@ def test_two_processes_train_as_one_does(tiny_model_dir, sft_file, tmp_path):
     out = tmp_path / "two"
     assert not (out / launch.LAUNCH_DIR).exists()
     assert json.loads((out / "train_stats.json").read_text())["world_size"] == 2
-    assert "x 2 device(s)" in (out / "README.md").read_text()
+    assert "x 2 processes (ddp))" in (out / "README.md").read_text()
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)

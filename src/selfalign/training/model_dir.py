@@ -29,6 +29,7 @@ from selfalign.config import dump_config
 from selfalign.errors import UserError
 from selfalign.jsonl import write_text_atomic
 from selfalign.text.constitution import Identity
+from selfalign.training.checkpoints import layout_of
 
 if TYPE_CHECKING:
     from selfalign.training.sft import TrainConfig
@@ -184,7 +185,7 @@ def model_card(cfg: TrainConfig, stats: dict[str, Any], sft_path, command: str) 
         "## Training\n\n"
         f"{stats['steps']} optimizer steps, effective batch {stats['effective_batch_size']} "
         f"(micro batch {stats['micro_batch_size']} x accumulation {stats['gradient_accumulation']} "
-        f"x {stats['world_size']} device(s)), warm-up {stats['warmup_steps']} steps, precision "
+        f"x {layout_of(stats['world_size'], stats.get('distributed') or 'ddp')}), warm-up {stats['warmup_steps']} steps, precision "
         f"{stats['precision']}, final training loss {stats['train_loss']}.\n\n"
         f"```yaml\n{dump_config(cfg).strip()}\n```\n\n"
         "## Use\n\n"

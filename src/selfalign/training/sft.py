@@ -262,6 +262,7 @@ def train(
         "micro_batch_size": cfg.micro_batch_size,
         "gradient_accumulation": plan.accumulation,
         "world_size": plan.world,
+        "distributed": cfg.distributed if plan.world > 1 else None,
         "effective_batch_size": cfg.micro_batch_size * plan.world * plan.accumulation,
         "precision": precision,
         "train_loss": run_loss(progress.log_history),
