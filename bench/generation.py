@@ -63,10 +63,11 @@ SIZES = {
     "small": (512, 8, 8, 8000),
     "large": (2048, 16, 16, 32000),
 }
-METHODS = ("plain", "ours", "vllm", "vllm-server")
+METHODS = ("plain", "ours-copy", "ours", "vllm", "vllm-server")
 VLLM_METHODS = ("vllm", "vllm-server")
 LABELS = {
     "plain": "plain generate",
+    "ours-copy": "selfalign transformers, prefix copied per row",
     "ours": "selfalign transformers",
     "vllm": "selfalign vllm (in-process)",
     "vllm-server": "vLLM server (openai, serve=auto)",
@@ -200,7 +201,7 @@ def run_torch(args, tree: TreePeak) -> dict:
     start = time.perf_counter()
     model, tok, device = load_model(args.model, args.device, args.dtype)
     startup = time.perf_counter() - start
-    _, prompts = make_job(tok, args.prompts, args.prefix_tokens)
+    _, prompts = make_job(tok, args.prompts, int(args.prefix_tokens))
     if args.method == "plain":
         run = plain_runner(model, tok, device, args)
     else:
@@ -209,6 +210,7 @@ def run_torch(args, tree: TreePeak) -> dict:
         def run(prompts: list[str]) -> tuple[list[str], int]:
             # a fresh backend: the timed run computes its shared prefix too
             backend = TransformersBackend(model, tok, batch_size=args.batch_size)
+            backend.shared_attention &= args.method == "ours"  # ours-copy: the row-by-row way
             return texts_and_tokens(backend.generate(prompts, params))
 
     cuda = device.startswith("cuda")
@@ -247,7 +249,7 @@ def run_vllm(args, tree: TreePeak) -> dict:
     from selfalign.modeling import load_tokenizer
 
     tok = load_tokenizer(args.model)
-    _, prompts = make_job(tok, args.prompts, args.prefix_tokens)
+    _, prompts = make_job(tok, args.prompts, int(args.prefix_tokens))
     params = greedy_params(tok.eos_token_id, args.new_tokens)
     if args.method == "vllm":
         cfg = BackendConfig(model=args.model, backend="vllm", dtype=args.dtype)
@@ -264,7 +266,9 @@ def run_vllm(args, tree: TreePeak) -> dict:
         if args.device.startswith("cuda"):
             # warm-up on another job of the same shapes: the prefix cache must not serve the
             # timed run
-            backend.generate(make_job(tok, args.prompts, args.prefix_tokens, seed=1)[1], params)
+            backend.generate(
+                make_job(tok, args.prompts, int(args.prefix_tokens), seed=1)[1], params
+            )
         start = time.perf_counter()
         texts, tokens = texts_and_tokens(backend.generate(prompts, params))
         seconds = time.perf_counter() - start
@@ -290,14 +294,14 @@ def run_method(args) -> dict:
     return (run_vllm if args.method in VLLM_METHODS else run_torch)(args, tree)
 
 
-def child(args, method: str, batch_size: int) -> dict:
+def child(args, method: str, prefix: int, batch_size: int) -> dict:
     """`method` in a subprocess of its own (its memory is its own); its result comes back in a
     file, as vLLM's processes may write to stdout."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--child", method, "--out", str(out),
                "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-               "--prompts", str(args.prompts), "--prefix-tokens", str(args.prefix_tokens),
+               "--prompts", str(args.prompts), "--prefix-tokens", str(prefix),
                "--new-tokens", str(args.new_tokens), "--batch-size", str(batch_size),
                "--concurrency", str(args.concurrency)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -324,7 +328,7 @@ def versions(rows: list[tuple[str, int | None, dict]], gpu: bool) -> str:
     import transformers
 
     parts = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
-    vllm = next((r["vllm"] for _, _, r in rows if r.get("vllm")), None)
+    vllm = next((r["vllm"] for *_, r in rows if r.get("vllm")), None)
     if vllm:
         parts.append(f"vLLM {vllm}")
     parts.append(f"Python {platform.python_version()}")
@@ -341,7 +345,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--prefix-tokens", type=int, default=1500)
+    p.add_argument("--prefix-tokens", default="1500", help="shared prefix; a list sweeps")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batch-sizes", default="8,16", help="plain and ours: one row per size")
@@ -358,41 +362,43 @@ def parse_args() -> argparse.Namespace:
             p.error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
     elif importlib.util.find_spec("vllm") is None:
         print("note: vLLM is not installed here: no vllm, vllm-server rows", flush=True)
-        args.methods = ["plain", "ours"]
+        args.methods = [m for m in METHODS if m not in VLLM_METHODS]
     else:
         args.methods = list(METHODS)
     return args
 
 
-def run_all(args) -> list[tuple[str, int | None, dict]]:
-    """(method, batch size or None, result) per row: plain and ours per batch size, then the
-    vLLM rows once."""
-    jobs = [
-        (m, bs)
-        for bs in [int(b) for b in args.batch_sizes.split(",")]
-        for m in ("plain", "ours")
-        if m in args.methods
-    ]
-    jobs += [(m, None) for m in VLLM_METHODS if m in args.methods]
+def run_all(args) -> list[tuple[str, int, int | None, dict]]:
+    """(method, prefix tokens, batch size or None, result) per row: per prefix length, plain and
+    ours per batch size, then the vLLM rows once."""
+    jobs = []
+    for prefix in [int(p) for p in str(args.prefix_tokens).split(",")]:
+        jobs += [
+            (m, prefix, bs)
+            for bs in [int(b) for b in args.batch_sizes.split(",")]
+            for m in METHODS
+            if m in args.methods and m not in VLLM_METHODS
+        ]
+        jobs += [(m, prefix, None) for m in VLLM_METHODS if m in args.methods]
     rows = []
-    for method, bs in jobs:
-        result = child(args, method, bs or args.batch_size)
+    for method, prefix, bs in jobs:
+        result = child(args, method, prefix, bs or args.batch_size)
         if "skipped" in result:
             print(f"note: {method} skipped: {result['skipped']}", flush=True)
             continue
-        rows.append((method, bs, result))
+        rows.append((method, prefix, bs, result))
         print(
-            f"{method}{f' batch {bs}' if bs else ''}: {result['tokens_per_s']:.1f} tok/s, "
-            f"start-up {result['startup_s']:.1f} s",
+            f"{method} prefix {prefix}{f' batch {bs}' if bs else ''}: "
+            f"{result['tokens_per_s']:.1f} tok/s, start-up {result['startup_s']:.1f} s",
             flush=True,
         )
     return rows
 
 
-def reference_of(rows, method: str, bs: int | None) -> tuple[dict | None, str]:
+def reference_of(rows, method: str, prefix: int, bs: int | None) -> tuple[dict | None, str]:
     """The plain row a row is compared with, and how the speed-up cell names it: plain at the
-    same batch size, or for the vLLM rows the fastest plain row."""
-    plain = {b: r for m, b, r in rows if m == "plain"}
+    same prefix and batch size, or for the vLLM rows the fastest plain row of its prefix."""
+    plain = {b: r for m, p, b, r in rows if m == "plain" and p == prefix}
     if bs is not None:
         return plain.get(bs), ""
     if not plain:
@@ -406,13 +412,13 @@ def table(rows, gpu: bool) -> str:
         return "n/a" if value is None else f"{value:.0f}"
 
     header = (
-        "| method | batch | tok/s | speed-up vs plain | start-up (s) | peak RSS (MiB) |"
+        "| method | prefix | batch | tok/s | speed-up vs plain | start-up (s) | peak RSS (MiB) |"
         + (" peak GPU (MiB) |" if gpu else "")
         + " greedy identical |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for method, bs, r in rows:
-        ref, vs = reference_of(rows, method, bs)
+    for method, prefix, bs, r in rows:
+        ref, vs = reference_of(rows, method, prefix, bs)
         if method == "plain":
             speed, identical = "1.00x", "(reference)"
         elif ref is None:
@@ -421,7 +427,7 @@ def table(rows, gpu: bool) -> str:
             speed = f"**{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x**{vs}"
             identical = same(ref, r)
         line = (
-            f"| {LABELS[method]} | {bs or 'all'} | {r['tokens_per_s']:.1f} | {speed} | "
+            f"| {LABELS[method]} | {prefix} | {bs or 'all'} | {r['tokens_per_s']:.1f} | {speed} | "
             f"{r['startup_s']:.1f} | {mib(r['peak_rss_mib'])} |"
         )
         if gpu:
@@ -432,7 +438,7 @@ def table(rows, gpu: bool) -> str:
 
 def kv_cache_note(rows, gpu: bool) -> str:
     """vLLM's CPU build fills its whole KV cache when it starts: it is in the vLLM rows' RSS."""
-    if gpu or not any(m in VLLM_METHODS for m, _, _ in rows):
+    if gpu or not any(m in VLLM_METHODS for m, *_ in rows):
         return ""
     space = os.environ["VLLM_CPU_KVCACHE_SPACE"]
     return f" vLLM KV cache: VLLM_CPU_KVCACHE_SPACE={space} GiB, part of the vLLM rows' peak RSS."
@@ -440,7 +446,7 @@ def kv_cache_note(rows, gpu: bool) -> str:
 
 def record(args, rows, text: str) -> None:
     gpu = args.device.startswith("cuda")
-    params = next((r["params"] for _, _, r in rows if r["params"]), None)
+    params = next((r["params"] for *_, r in rows if r["params"]), None)
     size = f"{params / 1e6:.0f}M parameters" if params else f"size {args.size}"
     section = (
         f"\n## Generation, {date.today().isoformat()} ({args.device}, {args.dtype})\n\n"
@@ -478,9 +484,9 @@ def main() -> None:
         record(args, rows, text)
     if args.dtype == "float32":
         differ = [
-            f"{m}{f' batch {bs}' if bs else ''}"
-            for m, bs, r in rows
-            if (ref := reference_of(rows, m, bs)[0]) is not None and r["texts"] != ref["texts"]
+            f"{m} prefix {p}{f' batch {bs}' if bs else ''}"
+            for m, p, bs, r in rows
+            if (ref := reference_of(rows, m, p, bs)[0]) is not None and r["texts"] != ref["texts"]
         ]
         if differ:
             raise SystemExit(f"greedy outputs differ from plain generate: {', '.join(differ)}")

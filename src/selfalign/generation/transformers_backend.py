@@ -12,12 +12,15 @@ How a job runs:
    prefilled once, with batch size 1, and kept for later jobs that share it.
 3. Rows are sorted by length and batched; each batch holds `prefix | left padding | suffix`, the
    padding masked out and the position ids counted over real tokens only, so every row sees
-   exactly the tokens it would see alone.
+   exactly the tokens it would see alone. For plain-attention models the prefix is stored once
+   and attended once per step for the whole batch (`prefix_attention`, as in Hydragen); for
+   others each row's cache starts with a copy of it.
 4. Decoding drops rows as they finish. Results are yielded per batch with their input index.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +38,7 @@ from selfalign.generation.base import (
     resolve_seeds,
 )
 from selfalign.generation.ngram import ngram_penalty
+from selfalign.generation.prefix_attention import prefix_attention, suffix_mask, supports
 from selfalign.modeling import context_length, eos_ids, load_model, with_cache
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate prefill
@@ -160,6 +164,13 @@ class _Batch:
         return chosen[index]
 
 
+def _mask(mask: torch.Tensor, own: int, queries: int) -> torch.Tensor:
+    """The attention mask the model is given: the 2D padding mask when its cache holds every
+    column (own = 0), else the 4D mask over the columns from `own` on (the prefix is attended
+    apart, by `prefix_attention`)."""
+    return mask if own == 0 else suffix_mask(mask[:, own:], queries)
+
+
 class TransformersBackend(Backend):
     CAPABILITIES = Capabilities(
         "transformers", token_logit_bias=True, ngram_orders=ALL_NGRAM_ORDERS, tokenizer=True
@@ -173,6 +184,9 @@ class TransformersBackend(Backend):
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
         self.share_prefix = share_prefix
+        # the shared prefix attended once per batch (`prefix_attention`), for plain-attention
+        # models; else copied into every row's cache (False here: always copied, for comparison)
+        self.shared_attention = share_prefix and supports(model)
         self.context = context_length(model)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._eos = eos_ids(getattr(model, "generation_config", None), tokenizer)
@@ -259,7 +273,7 @@ class TransformersBackend(Backend):
         return self._prefix[1]
 
     def _batch_cache(self, prefix_cache, rows: int, capacity: int):
-        """A cache for one batch, holding the shared prefix for every row.
+        """A cache for one batch, holding the shared prefix (if given) for every row.
 
         Plain attention models get buffers sized for the whole batch run and written in place,
         so a decoding step does not copy the whole cache (as concatenation would); other
@@ -295,18 +309,28 @@ class TransformersBackend(Backend):
     ) -> list[Completion]:
         """Prefill the rows' suffixes after the shared prefix, then decode until every row ends."""
         input_ids, mask, positions = self._pack(suffixes, shared)
-        cache = self._batch_cache(prefix_cache, len(suffixes), mask.shape[1] + params.max_tokens)
-        logits = self._forward(input_ids, mask, positions[:, shared:], cache)
-        batch = self._start(params, prompt_lengths, seeds, mask, positions[:, -1] + 1)
-        for step in range(params.max_tokens):
-            chosen = batch.choose(logits)
-            keep = self._record(batch, chosen.tolist(), last=step + 1 == params.max_tokens)
-            if not keep:
-                break
-            chosen = batch.keep_rows(keep, chosen, cache)
-            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.live), 1))], dim=1)
-            logits = self._forward(chosen[:, None], batch.mask, batch.next_position[:, None], cache)
-            batch.next_position = batch.next_position + 1
+        # the prefix attended once for the whole batch, or copied into every row's cache
+        hydragen = prefix_cache is not None and self.shared_attention
+        own = shared if hydragen else 0  # the mask columns not in the batch's own cache
+        cache = self._batch_cache(
+            None if hydragen else prefix_cache, len(suffixes),
+            mask.shape[1] - own + params.max_tokens,
+        )  # fmt: skip
+        with prefix_attention(self.model, prefix_cache) if hydragen else contextlib.nullcontext():
+            logits = self._forward(input_ids, _mask(mask, own, input_ids.shape[1]),
+                                   positions[:, shared:], cache)  # fmt: skip
+            batch = self._start(params, prompt_lengths, seeds, mask, positions[:, -1] + 1)
+            for step in range(params.max_tokens):
+                chosen = batch.choose(logits)
+                keep = self._record(batch, chosen.tolist(), last=step + 1 == params.max_tokens)
+                if not keep:
+                    break
+                chosen = batch.keep_rows(keep, chosen, cache)
+                ones = batch.mask.new_ones((len(batch.live), 1))
+                batch.mask = torch.cat([batch.mask, ones], dim=1)
+                logits = self._forward(chosen[:, None], _mask(batch.mask, own, 1),
+                                       batch.next_position[:, None], cache)  # fmt: skip
+                batch.next_position = batch.next_position + 1
         return batch.results  # type: ignore[return-value]
 
     def _pack(self, suffixes: list[list[int]], shared: int) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,131 @@
+"""Attention over a prompt prefix that every row of a batch shares, computed once for the batch.
+
+Every stage-2 prompt starts with the same ~2K-token constitution. Attending to it row by row
+reads the prefix's keys and values once per row and step (and stores a copy per row). As in
+Hydragen (Juravsky et al., 2024), the attention splits exactly into two parts joined by their
+log-sum-exp:
+
+    prefix part   the queries of ALL rows against the ONE stored prefix K/V: one matrix product
+                  per KV head, [rows x queries, dim] @ [dim, prefix]
+    suffix part   each row's queries against its own keys (suffix, padding masked, generated)
+
+    softmax over [prefix | suffix] = the two partial softmaxes, each weighted by exp(its lse - lse)
+
+`shared_prefix_attention` is that computation (pure, tested against plain attention);
+`prefix_attention(model, prefix_cache)` is a context manager that makes the model's attention
+layers use it, through transformers' attention interface, for the forward passes inside it. The
+cache the model writes then holds the rows' own tokens only, and the attention mask it is given
+is a 4D boolean mask over those (`suffix_mask`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+NAME = "selfalign_shared_prefix"
+# Architectures whose attention layers are plain softmax attention reached through the attention
+# interface (no soft-capping, sinks or sliding windows): others keep attending row by row.
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: [1, kv heads, P, dim]
+
+
+def shared_prefix_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """softmax(q [Kp | K]^T * scale + mask) [Vp | V] without repeating the prefix per row.
+
+    query [B, H, Lq, D]; keys/values [B, Hkv, Ls, D] (the rows' own); mask [B, 1, Lq, Ls] boolean
+    (True = attend) or None (all attend); prefix_keys/values [1, Hkv, P, D] (attended by every
+    query). Returns [B, Lq, H, D], the layout attention layers hand to their output projection.
+    """
+    rows, heads, lq, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    # [B, Hkv, group*Lq, D]: the query heads that share a KV head, side by side
+    q = query.reshape(rows, kv_heads, group * lq, dim)
+
+    # prefix: every row's queries in one product per KV head
+    qp = q.transpose(0, 1).reshape(kv_heads, rows * group * lq, dim)
+    prefix_scores = torch.matmul(qp, prefix_keys[0].transpose(-1, -2)).float() * scale
+    prefix_lse = prefix_scores.logsumexp(-1, keepdim=True)
+    prefix_out = torch.matmul((prefix_scores - prefix_lse).exp().to(values.dtype), prefix_values[0])
+    prefix_out = prefix_out.reshape(kv_heads, rows, group * lq, dim).transpose(0, 1)
+    prefix_lse = prefix_lse.reshape(kv_heads, rows, group * lq, 1).transpose(0, 1)
+
+    # suffix: each row against its own keys
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, g*Lq, Ls]
+    if mask is not None:
+        scores = scores.reshape(rows, kv_heads, group, lq, -1)
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(torch.float32).min)
+        scores = scores.reshape(rows, kv_heads, group * lq, -1)
+    suffix_lse = scores.logsumexp(-1, keepdim=True)
+    suffix_out = torch.matmul((scores - suffix_lse).exp().to(values.dtype), values)
+
+    total = torch.logaddexp(prefix_lse, suffix_lse)
+    out = prefix_out * (prefix_lse - total).exp().to(values.dtype) + suffix_out * (
+        suffix_lse - total
+    ).exp().to(values.dtype)
+    return out.reshape(rows, heads, lq, dim).transpose(1, 2)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention interface's signature: (output [B, Lq, H, D], no weights)."""
+    for unsupported in ("sliding_window", "softcap", "s_aux", "sinks"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"shared-prefix attention with {unsupported}")
+    prefix_keys, prefix_values = _prefix[module.layer_idx]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = shared_prefix_attention(
+        query, key, value, attention_mask, prefix_keys, prefix_values, scale
+    )
+    return out, None
+
+
+def supports(model) -> bool:
+    """Whether `model`'s attention can run as shared-prefix attention."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None) or []
+    return (
+        config.model_type in SUPPORTED
+        and getattr(config, "sliding_window", None) is None
+        and all(t == "full_attention" for t in layer_types)
+    )
+
+
+@contextlib.contextmanager
+def prefix_attention(model, prefix_cache) -> Iterator[None]:
+    """Inside: `model`'s attention layers attend to `prefix_cache` (a cache of batch size 1)
+    plus the keys in the cache the forward pass is given."""
+    from transformers import AttentionInterface
+
+    global _prefix
+    AttentionInterface.register(NAME, _attention)
+    config = model.config
+    before = config._attn_implementation
+    _prefix = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        _prefix = None
+
+
+def suffix_mask(mask: torch.Tensor, queries: int) -> torch.Tensor:
+    """The 4D boolean mask [B, 1, queries, L] of the last `queries` positions of 2D padding mask
+    `mask` [B, L] (1 = real token): causal, and never onto padding."""
+    length = mask.shape[1]
+    causal = torch.ones(queries, length, dtype=torch.bool, device=mask.device).tril(
+        length - queries
+    )
+    return causal[None, None] & mask.bool()[:, None, None, :]
