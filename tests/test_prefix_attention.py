@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfalign.generation import SamplingParams
+from selfalign.generation import SamplingParams, prefix_attention
 from selfalign.generation.prefix_attention import shared_prefix_attention, suffix_mask
 
 
@@ -37,7 +37,11 @@ def padding_mask(rows: int, length: int, pads: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("queries", ["prefill", "decode"])
-def test_equals_plain_attention_on_random_tensors(prefix, rows, heads, kv_heads, queries):
+@pytest.mark.parametrize("kernel", ["_fused", "_stepwise"])  # CPU's, and the one GPUs run
+def test_equals_plain_attention_on_random_tensors(
+    prefix, rows, heads, kv_heads, queries, kernel, monkeypatch
+):
+    monkeypatch.setattr(prefix_attention, "_partial", getattr(prefix_attention, kernel))
     g = torch.Generator().manual_seed(prefix * 100 + rows * 10 + heads + kv_heads)
     dim, own = 8, 11
     pads = [(r * 3) % own for r in range(rows)]  # left padding, different per row, row 0 none

@@ -54,28 +54,46 @@ def shared_prefix_attention(
     # [B, Hkv, group*Lq, D]: the query heads that share a KV head, side by side
     q = query.reshape(rows, kv_heads, group * lq, dim)
 
-    # prefix: every row's queries in one product per KV head
-    qp = q.transpose(0, 1).reshape(kv_heads, rows * group * lq, dim)
-    prefix_scores = torch.matmul(qp, prefix_keys[0].transpose(-1, -2)).float() * scale
-    prefix_lse = prefix_scores.logsumexp(-1, keepdim=True)
-    prefix_out = torch.matmul((prefix_scores - prefix_lse).exp().to(values.dtype), prefix_values[0])
+    # prefix: every row's queries as one sequence per KV head, against the one prefix
+    qp = q.transpose(0, 1).reshape(1, kv_heads, rows * group * lq, dim)
+    prefix_out, prefix_lse = _partial(qp, prefix_keys, prefix_values, None, scale)
     prefix_out = prefix_out.reshape(kv_heads, rows, group * lq, dim).transpose(0, 1)
     prefix_lse = prefix_lse.reshape(kv_heads, rows, group * lq, 1).transpose(0, 1)
 
     # suffix: each row against its own keys
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, g*Lq, Ls]
-    if mask is not None:
-        scores = scores.reshape(rows, kv_heads, group, lq, -1)
-        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(torch.float32).min)
-        scores = scores.reshape(rows, kv_heads, group * lq, -1)
-    suffix_lse = scores.logsumexp(-1, keepdim=True)
-    suffix_out = torch.matmul((scores - suffix_lse).exp().to(values.dtype), values)
+    bias = None
+    if mask is not None:  # additive, one row per query of each group
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+        bias = bias.masked_fill(~mask, torch.finfo(query.dtype).min).repeat(1, 1, group, 1)
+    suffix_out, suffix_lse = _partial(q, keys, values, bias, scale)
 
     total = torch.logaddexp(prefix_lse, suffix_lse)
-    out = prefix_out * (prefix_lse - total).exp().to(values.dtype) + suffix_out * (
-        suffix_lse - total
-    ).exp().to(values.dtype)
-    return out.reshape(rows, heads, lq, dim).transpose(1, 2)
+    out = prefix_out.float() * (prefix_lse - total).exp()
+    out = out + suffix_out.float() * (suffix_lse - total).exp()
+    return out.to(query.dtype).reshape(rows, heads, lq, dim).transpose(1, 2)
+
+
+def _partial(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + bias) v, and its log-sum-exp [..., Lq, 1] in float32: on CPU one
+    fused kernel (PyTorch's flash attention for CPU returns the log-sum-exp), elsewhere step by
+    step (the public SDPA does not return it)."""
+    return (_fused if q.device.type == "cpu" else _stepwise)(q, k, v, bias, scale)
+
+
+def _fused(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = op(q, k, v, attn_mask=bias, scale=scale)
+    return out, lse.float().unsqueeze(-1)
+
+
+def _stepwise(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        scores = scores + bias
+    top = scores.amax(-1, keepdim=True)
+    weights = (scores - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    return torch.matmul((weights / total).to(v.dtype), v), top + total.log()
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
