@@ -494,6 +494,33 @@ def test_crash_and_rerun_loses_and_duplicates_nothing(tmp_path):
     assert outputs(out) == outputs(ref)
 
 
+def test_a_run_reads_its_raw_file_once_and_other_shards_files_once(tmp_path, monkeypatch):
+    import selfalign.jsonl
+
+    reads: list[str] = []
+    scan = selfalign.jsonl._scan
+
+    def counting(path):
+        reads.append(path.name)
+        return scan(path)
+
+    monkeypatch.setattr(selfalign.jsonl, "_scan", counting)
+    inp = write_instructions(tmp_path / "instructions.jsonl", copies=3)
+    out = tmp_path / "out"
+    # in chunks: a fresh run writes the file and reads it never; a rerun (resume) once
+    for times in (0, 1):
+        run_self_align(SelfAlignConfig(chunk_size=4), ScriptedBackend(respond), inp, out)
+        assert reads.count("self_align.raw.jsonl") == times
+        assert reads.count("instructions.jsonl") == 1
+        reads.clear()
+    # the last shard to finish reads every other raw file once, its own (new) never
+    run_self_align(SelfAlignConfig(), ScriptedBackend(respond), inp, out, shard="0/2")
+    reads.clear()
+    run_self_align(SelfAlignConfig(), ScriptedBackend(respond), inp, out, shard="1/2")
+    raw = sorted(name for name in reads if name.endswith(".raw.jsonl"))
+    assert raw == ["self_align.raw.jsonl", "self_align.shard0of2.raw.jsonl"]
+
+
 def test_shards_produce_the_same_files_as_one_run(tmp_path):
     inp = write_instructions(tmp_path / "instructions.jsonl")
     ref = tmp_path / "ref"

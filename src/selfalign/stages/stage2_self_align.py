@@ -671,14 +671,16 @@ def run_self_align(
         )
 
     # in chunks: the backend tokenizes its whole job at once, and the prompts are long
-    prefix = render_prefix(c)
-    generate_records(
-        backend, prompt_records(c, mine, prefix), params, _raw_path(out_dir, shard),
+    prefix, raw_path = render_prefix(c), _raw_path(out_dir, shard)
+    done = generate_records(
+        backend, prompt_records(c, mine, prefix), params, raw_path,
         seed=cfg.seed, label="self-align", store_prompt=False, tally=tally,
         prefix=prefix, chunk_size=cfg.chunk_size,
     )  # fmt: skip
     extra = {"shard": f"{shard.index}/{shard.count}", "apology_bias_tokens": len(bias)}
-    stats = _finalize(cfg, instructions_path, out_dir, wait_for_shards=shard.count > 1)
+    # this shard's raw file is in memory, read and checked once: only other shards' are read
+    stats = _finalize(cfg, out_dir, c, rows, wait_for_shards=shard.count > 1,
+                      read={raw_path: done})  # fmt: skip
     return {**stats, **extra}
 
 
@@ -688,18 +690,29 @@ def finalize_self_align(
     """Parse and filter the completions of every raw file in `out_dir` (all shards) and write
     aligned/identity/rejected/sft.jsonl and stats.json. No model needed: rerun it to apply other
     filter settings (e.g. `truncated: cut`) to the same completions."""
-    return _finalize(cfg, instructions_path, out_dir, wait_for_shards=False)
-
-
-def _finalize(cfg, instructions_path, out_dir, wait_for_shards: bool) -> dict[str, Any]:
-    out_dir = Path(out_dir)
-    c = stage_constitution(cfg)
     rows = load_instructions(instructions_path, cfg.max_instructions)
-    expected = _expected_prompts(c, rows)
+    return _finalize(cfg, Path(out_dir), stage_constitution(cfg), rows, wait_for_shards=False)
+
+
+def _finalize(
+    cfg: SelfAlignConfig,
+    out_dir: Path,
+    c: Constitution,
+    rows: list[dict[str, Any]],
+    wait_for_shards: bool,
+    read: dict[Path, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Write the final files from every raw file in `out_dir`; `read`: raw files already read
+    and checked against this job (path -> records), not read again."""
+    read = read or {}
     by_id: dict[Any, dict] = {}
+    expected = None
     for path in sorted(out_dir.glob(f"{RAW}*.raw.jsonl")):
-        raw = read_jsonl(path)
-        check_resume(raw, expected, path)
+        raw = read.get(path)
+        if raw is None:
+            raw = read_jsonl(path)
+            expected = expected or _expected_prompts(c, rows)
+            check_resume(raw, expected, path)
         for r in raw:
             by_id.setdefault(r["id"], r)
     missing = [r["id"] for r in rows if r["id"] not in by_id]
