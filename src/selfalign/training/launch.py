@@ -72,7 +72,7 @@ def processes(cfg) -> int:
 
 def launch_command(cfg, n: int, job: Path) -> list[str]:
     """The `accelerate launch` command line that trains `job` with `n` processes."""
-    from selfalign.training.sft import _device_and_precision
+    from selfalign.training.sft import device_and_precision
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
                "--num_machines", "1", "--main_process_port", str(children.free_port())]  # fmt: skip
@@ -87,7 +87,7 @@ def launch_command(cfg, n: int, job: Path) -> list[str]:
         # torchrun's launcher (accelerate's `--cpu` would start one process): without CUDA the
         # Trainer (use_cpu) joins the processes over gloo
         command += ["--multi_gpu"]
-    _, precision = _device_and_precision(cfg)
+    _, precision = device_and_precision(cfg)
     command += ["--mixed_precision", {"fp32": "no"}.get(precision, precision)]
     command += ["--dynamo_backend", "no"]  # unset, accelerate warns that it chose it
     return [*command, "-m", "selfalign.training.launch", str(job)]

@@ -246,7 +246,7 @@ def train(
 
     # 3. Model (+ LoRA adapter), seeded before the adapter weights are drawn.
     set_seed(cfg.seed)
-    device, precision = _device_and_precision(cfg)
+    device, precision = device_and_precision(cfg)
     model = _load_for_training(cfg, model_name, device, precision)
 
     # 4. Train, from the last complete checkpoint of the same run if there is one.
@@ -392,7 +392,8 @@ def schedule(cfg: TrainConfig, examples: int) -> Schedule:
 # -- 3. model ------------------------------------------------------------------------------------
 
 
-def _device_and_precision(cfg: TrainConfig) -> tuple[str, str]:
+def device_and_precision(cfg: TrainConfig) -> tuple[str, str]:
+    """The device and precision `cfg` trains in (auto resolved), or a UserError if unavailable."""
     import torch
 
     cuda = torch.cuda.is_available()
