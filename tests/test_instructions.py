@@ -628,34 +628,124 @@ def test_merge_novelty_across_shards_duplicates_and_rejections(tmp_path):
         return (f" Describe the long history of the old city number {seed} in great detail.\n"
                 "6. Input:\n<noinput>\n###\n")  # fmt: skip
 
-    cfg = SelfInstructConfig(num_instructions=2, prompts_per_round=2)
+    cfg = SelfInstructConfig(num_instructions=2, prompts_per_round=2, max_rounds=2)
     for i in range(2):
         counts = run_self_instruct(cfg, ScriptedBackend(respond), tmp_path, shard=f"{i}/2")
-        assert counts["kept"] == 1 and counts["shard"] == f"{i}/2"
-    assert (tmp_path / "self_instruct.shard1of2.jsonl").exists()
-    counts = run_merge(MergeConfig(), tmp_path)
-    assert counts["kept"] == 1 and counts["rejected"] == {"similar": 1}
+        assert counts["rounds"] == 1 and counts["last_round"] == i and counts["shard"] == f"{i}/2"
+    assert (tmp_path / "self_instruct.shard1of2.raw.jsonl").exists()
+    counts = run_merge(MergeConfig(), tmp_path, cfg)
+    # one ROUGE-L pool over both shards' rounds: round 1 (shard 1) is similar to round 0's
+    assert counts["kept"] == 1 and counts["self_instruct"]["rejected"] == {"similar": 3}
+    assert counts["self_instruct"]["shortfall"] == 1  # max_rounds spent, as one process reports
     merged = read_jsonl(tmp_path / "instructions.jsonl")
     assert set(merged[0]) >= {"id", "instruction", "input", "source", "question_type", "topic"}
     rejected = read_jsonl(tmp_path / "rejected.jsonl")
-    assert {r["step"] for r in rejected} == {"self_instruct", "merge"}
+    assert {r["step"] for r in rejected} == {"self_instruct"}
+    assert any(r["prompt_id"].startswith("si-r00001-") for r in rejected)
     assert (
         sum(r["reason"] == "similar" for r in rejected) == counts["rejected_all_steps"]["similar"]
     )
-    # without a novelty threshold only exact duplicates go
-    counts = run_merge(MergeConfig(similarity_threshold=None), tmp_path)
-    assert counts["kept"] == 2
+    # the merge's own novelty filter: an exact duplicate across sources goes, near ones by threshold
+    text = merged[0]["instruction"]
+    questions = [{"id": "q-1-0", "instruction": text, "source": "tgrt"},
+                 {"id": "q-1-1", "instruction": text + " Now.", "source": "tgrt"}]  # fmt: skip
+    (tmp_path / "tgrt_questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    counts = run_merge(MergeConfig(), tmp_path, cfg)
+    assert counts["kept"] == 1 and counts["rejected"] == {"duplicate": 1, "similar": 1}
+    assert run_merge(MergeConfig(similarity_threshold=None), tmp_path, cfg)["kept"] == 2
 
 
 def test_merge_needs_every_shard(tmp_path):
     cfg = SelfInstructConfig(num_instructions=2, prompts_per_round=2)
     run_self_instruct(cfg, ScriptedBackend(canned_responder()), tmp_path, shard="1/3")
     with pytest.raises(UserError, match="shard\\(s\\) 0/3, 2/3 have no output"):
-        run_merge(MergeConfig(), tmp_path)
-    counts = run_merge(MergeConfig(allow_missing_shards=True), tmp_path)
-    assert counts["kept"] == 1
+        run_merge(MergeConfig(), tmp_path, cfg)
+    counts = run_merge(MergeConfig(allow_missing_shards=True), tmp_path, cfg)
+    assert counts["kept"] == 2 and counts["self_instruct"]["rounds"] == 1  # round 1 only
+    assert {r["prompt_id"][:9] for r in read_jsonl(tmp_path / "self_instruct.jsonl")} == {
+        "si-r00001"
+    }
     with pytest.raises(UserError, match="nothing|no self_instruct"):
         run_merge(MergeConfig(), tmp_path / "empty")
+
+
+def _si_outputs(out: Path) -> dict[str, list[dict]]:
+    return {name: read_jsonl(out / name)
+            for name in ("self_instruct.jsonl", "self_instruct.rejected.jsonl")}  # fmt: skip
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_self_instruct_equals_one_process(tmp_path, shards):
+    cfg = SelfInstructConfig(num_instructions=40, prompts_per_round=2)
+    single = run_self_instruct(cfg, ScriptedBackend(canned_responder()), tmp_path / "single")
+    assert single["rounds"] >= 2 * shards  # the target takes several rounds of every shard
+    out = tmp_path / "sharded"
+    for i in range(shards):
+        counts = run_self_instruct(cfg, ScriptedBackend(canned_responder()), out, f"{i}/{shards}")
+        rounds = {
+            r["round"] for r in read_jsonl(out / f"self_instruct.shard{i}of{shards}.raw.jsonl")
+        }
+        assert rounds == set(range(i, counts["last_round"] + 1, shards))
+    assert not (out / "self_instruct.jsonl").exists()  # the shards only generate
+    counts = run_merge(MergeConfig(), out, cfg)["self_instruct"]
+    assert _si_outputs(out) == _si_outputs(tmp_path / "single")
+    assert {k: single[k] for k in counts if k in single} == {k: counts[k] for k in single
+                                                              if k in counts}  # fmt: skip
+    assert counts["shortfall"] == 0 and counts["rejected"]["surplus"]
+
+
+def test_self_instruct_shards_that_stopped_short_are_named_with_the_rounds_to_rerun(
+    tmp_path, monkeypatch
+):
+    import selfalign.stages.stage1_instructions as stage1
+
+    cfg = SelfInstructConfig(num_instructions=40, prompts_per_round=2)
+    run_self_instruct(cfg, ScriptedBackend(canned_responder()), tmp_path / "single")
+    out = tmp_path / "sharded"
+    monkeypatch.setattr(stage1, "SHARD_MARGIN", 0.3)  # the shards guess far too few rounds
+    for i in range(3):
+        run_self_instruct(cfg, ScriptedBackend(canned_responder()), out, f"{i}/3")
+    monkeypatch.undo()
+    short = r"stopped short: .* round \d+ \(shard \d/3\) is not complete; rerun the self-instruct "
+    with pytest.raises(UserError, match=short + r"shards with --rounds \d+ \(Slurm: ROUNDS=") as e:
+        run_merge(MergeConfig(), out, cfg)
+    assert len(str(e.value).splitlines()) == 1 and not (out / "instructions.jsonl").exists()
+    rounds = int(re.search(r"--rounds (\d+)", str(e.value))[1])
+    for i in range(3):  # a rerun with --rounds generates at least those: the merge now matches
+        run_self_instruct(cfg, ScriptedBackend(canned_responder()), out, f"{i}/3", rounds=rounds)
+    run_merge(MergeConfig(), out, cfg)
+    assert _si_outputs(out) == _si_outputs(tmp_path / "single")
+
+
+def test_sharded_questions_merge_as_one_process(tmp_path):
+    """The merge takes TGRT questions in id order, so shard files, each in its own order, keep
+    and reject (near-duplicates by ROUGE-L) the same questions as one process's file."""
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    run_topics(TopicsConfig(epochs=1, max_prompts_per_type=1), ScriptedBackend(canned_responder()),
+               single)  # fmt: skip
+    sharded.mkdir()
+    for name in ("topics.jsonl", "topics.rejected.jsonl"):
+        (sharded / name).write_bytes((single / name).read_bytes())
+    cfg = QuestionsConfig(hints_per_prompt=2)
+    run_questions(cfg, ScriptedBackend(canned_responder()), single)
+    for i in range(3):
+        run_questions(cfg, ScriptedBackend(canned_responder()), sharded, shard=f"{i}/3")
+    counts = run_merge(MergeConfig(), single)
+    assert counts["rejected"].get("similar")  # the order decides which of them is kept
+    assert run_merge(MergeConfig(), sharded) == counts
+    for name in ("instructions.jsonl", "rejected.jsonl"):
+        rows = [read_jsonl(out / name) for out in (single, sharded)]
+        assert sorted(rows[0], key=lambda r: r["id"]) == sorted(rows[1], key=lambda r: r["id"])
+
+
+def test_merge_refuses_shard_rounds_made_with_other_settings(tmp_path):
+    cfg = SelfInstructConfig(num_instructions=4, prompts_per_round=2)
+    for i in range(2):
+        run_self_instruct(cfg, ScriptedBackend(canned_responder()), tmp_path, f"{i}/2")
+    other = cfg.model_copy(update={"seed": 7})
+    with pytest.raises(UserError, match="shard0of2.raw.jsonl: record 'si-r00000-p000' was "
+                       "generated from a different prompt; merge with the settings"):  # fmt: skip
+        run_merge(MergeConfig(), tmp_path, other)
 
 
 def test_merge_is_a_seeded_shuffle_of_both_sources(tmp_path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from pydantic import ConfigDict, Field
@@ -28,7 +28,7 @@ from selfalign.cli.options import (
 )
 from selfalign.generation import BackendConfig
 from selfalign.run.lock import hold_out_dir
-from selfalign.stages.stage1_instructions import Stage1Config
+from selfalign.stages.stage1_instructions import SELF_INSTRUCT, Stage1Config
 
 CONFIG_HELP = "YAML with model: and stage-1 sections (self_instruct:, topics:, ...)."
 
@@ -59,6 +59,7 @@ def _summary(counts: dict[str, Any], out_dir: Path) -> None:
         f"{out_dir}: " + json.dumps(flat) + f" rejected={json.dumps(counts.get('rejected', {}))}",
         err=True,
     )
+    counts = counts.get(SELF_INSTRUCT, counts)  # the merge reports sharded self-instruct's
     if counts.get("shortfall"):
         typer.echo(
             f"warning: kept {counts['kept']} of {counts['target']} instructions after "
@@ -75,8 +76,22 @@ def _summary(counts: dict[str, Any], out_dir: Path) -> None:
                 similarity_threshold="--threshold"),
     config_help=CONFIG_HELP,
 )  # fmt: skip
-def self_instruct(out_dir: OutDirOpt, cfg: Stage1File, shard: ShardOpt = None) -> None:
-    """Vanilla self-instruct with the ROUGE-L novelty filter; rerun to resume."""
+def self_instruct(
+    out_dir: OutDirOpt,
+    cfg: Stage1File,
+    shard: ShardOpt = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--rounds",
+            min=1,
+            help="With --shard: generate at least this shard's rounds below N (the merge "
+            "names N when the shards stopped short of the target).",
+        ),
+    ] = None,
+) -> None:
+    """Vanilla self-instruct with the ROUGE-L novelty filter; rerun to resume. Sharded, it only
+    generates its rounds; merge-instructions filters every shard's rounds in order."""
     from selfalign.stages.stage1_instructions import (
         parse_shard,
         run_self_instruct,
@@ -86,7 +101,7 @@ def self_instruct(out_dir: OutDirOpt, cfg: Stage1File, shard: ShardOpt = None) -
     shard_ = parse_shard(shard)
     self_instruct_inputs(cfg.self_instruct)  # bad files fail before the model loads
     hold_out_dir(out_dir, shard)
-    counts = run_self_instruct(cfg.self_instruct, _backend(cfg), out_dir, shard=shard_)
+    counts = run_self_instruct(cfg.self_instruct, _backend(cfg), out_dir, shard_, rounds)
     _summary(counts, out_dir)
 
 
@@ -125,11 +140,19 @@ def questions(out_dir: OutDirOpt, cfg: Stage1File, shard: ShardOpt = None) -> No
     Stage1File, keys("merge", "seed", similarity_threshold="--threshold"), config_help=CONFIG_HELP
 )
 def merge_instructions(out_dir: OutDirOpt, cfg: Stage1File) -> None:
-    """Merge self-instruct and TGRT outputs (all shards) into instructions.jsonl."""
-    from selfalign.stages.stage1_instructions import run_merge
+    """Merge self-instruct and TGRT outputs (all shards) into instructions.jsonl. With a model:
+    section, also stage.json, so `selfalign run` can adopt stage 1 as done."""
+    from selfalign.run.manifest import clear_stage_record, stage_settings, write_stage_record
+    from selfalign.stages.stage1_instructions import INSTRUCTIONS, REJECTED, run_merge
 
     hold_out_dir(out_dir)
-    _summary(run_merge(cfg.merge, out_dir), out_dir)
+    clear_stage_record(out_dir)
+    counts = run_merge(cfg.merge, out_dir, cfg.self_instruct)
+    if cfg.model is not None:  # what `selfalign run` needs to adopt stage 1 (Slurm)
+        stage1 = Stage1Config.model_validate(cfg.model_dump(exclude={"model"}))
+        settings = stage_settings("instructions", cfg.model, stage1)
+        write_stage_record(out_dir, "instructions", settings, counts, [INSTRUCTIONS, REJECTED])
+    _summary(counts, out_dir)
 
 
 def register(app) -> None:

@@ -78,15 +78,22 @@ def self_align(
     ] = False,
 ) -> None:
     """Stage 2: answer every instruction under the constitution, parse, filter; rerun to resume."""
+    from selfalign.run.manifest import clear_stage_record, stage_settings, write_stage_record
+    from selfalign.stages import stage2_self_align as s2
     from selfalign.stages.stage2_self_align import check_inputs, finalize_self_align
 
     stage = _with_identity(cfg.self_align, identity)
     check_inputs(stage, instructions)  # bad files fail before the model loads
     hold_out_dir(out_dir, shard)
+    clear_stage_record(out_dir)
     if finalize:
         stats = finalize_self_align(stage, instructions, out_dir)
     else:
         stats = _answer(cfg.model, stage, instructions, out_dir, shard)
+    if stats.get("finalized") and cfg.model is not None:  # `selfalign run` may adopt stage 2
+        settings = stage_settings("self_align", cfg.model, stage)
+        outputs = [s2.ALIGNED, s2.IDENTITY, s2.REJECTED, s2.SFT, s2.STATS]
+        write_stage_record(out_dir, "self_align", settings, stats, outputs, [instructions])
     typer.echo(summary(stats, out_dir), err=True)
 
 

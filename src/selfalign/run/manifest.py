@@ -12,6 +12,12 @@ invalidates everything after it. `stale`: done once, but an earlier stage was re
 `interrupted`: stopped by Ctrl-C, or, decided when the manifest is read, left `running` by a
 process that no longer holds the run's lock (`selfalign.run.lock`: it was killed). Written
 atomically after every change.
+
+`STAGE/stage.json` (`write_stage_record`): what a stage command (`merge-instructions`, the
+`self-align` finalize; the Slurm scripts run them) writes beside a stage's outputs once they are
+complete: the settings they were made with (as `selfalign run` compares them), the counts, and
+hashes of its outputs and inputs. `selfalign run` adopts such a stage as done (`adopted_from`)
+when nothing changed since and the settings are its config's.
 """
 
 from __future__ import annotations
@@ -67,6 +73,18 @@ class Manifest:
         entry.update(status=status, error=error, seconds=round(seconds, 2))
         self.save()
 
+    def adopt(self, name: str, stage_hash: str, settings: dict[str, Any], record: dict[str, Any],
+              source: str) -> None:  # fmt: skip
+        """Mark as done a stage the stage commands made (`record`: its checked stage.json, at
+        `source` inside the run); in memory only, like a plan: the run that goes ahead saves it."""
+        folder = Path(source).parent
+        self.data["stages"][name] = {
+            "status": "done", "config_hash": stage_hash, "settings": settings,
+            "counts": record.get("counts", {}),
+            "outputs": [str(folder / output) for output in record["outputs"]],
+            "adopted_from": source,
+        }  # fmt: skip
+
     def reset(self, name: str) -> None:
         self.data["stages"][name] = {"status": "pending"}
         self.save()
@@ -99,3 +117,71 @@ def _interrupted(data: dict[str, Any], run: Path) -> None:
             entry.update(
                 status="interrupted", error="its process stopped (killed?); rerun to resume"
             )
+
+
+# -- what the stage commands leave for `selfalign run` to adopt ------------------------------------
+
+STAGE_RECORD = "stage.json"
+
+
+def file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def stage_settings(stage: str, model: Any, section: Any) -> dict[str, Any]:
+    """The settings `selfalign run` keeps and compares for `stage`, from a stage command's model
+    (`BackendConfig`) and stage section (files they name hashed by content, as the run does)."""
+    from selfalign.run.settings import PipelineConfig, stage_configs  # it imports this module
+
+    return stage_configs(PipelineConfig(model=model, **{stage: section}))[stage]
+
+
+def clear_stage_record(folder: Path) -> None:
+    """Before a stage command rewrites a stage's outputs: until it is done, nothing is adoptable."""
+    (Path(folder) / STAGE_RECORD).unlink(missing_ok=True)
+
+
+def write_stage_record(
+    folder: Path,
+    stage: str,
+    settings: dict[str, Any],
+    counts: dict[str, Any],
+    outputs: list[str],
+    inputs: list[Path] = (),
+) -> Path:
+    """`folder/stage.json` for the complete `outputs` (names in `folder`) made from `inputs`."""
+    folder = Path(folder)
+    record = {
+        "stage": stage, "settings": settings, "counts": counts,
+        "outputs": {name: file_sha(folder / name) for name in outputs},
+        "inputs": [file_sha(Path(p)) for p in inputs], "time": round(time.time(), 3),
+    }  # fmt: skip
+    path = folder / STAGE_RECORD
+    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+def record_problem(folder: Path, stage: str, inputs: list[Path]) -> tuple[dict | None, str | None]:
+    """(the record, None) when `folder/stage.json` describes `stage`'s outputs as they are, made
+    from `inputs` as they are; (None, None) with no record; (record, what is wrong) otherwise."""
+    path = Path(folder) / STAGE_RECORD
+    if not path.is_file():
+        return None, None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        outputs, made_from = dict(record["outputs"]), list(record["inputs"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return {}, f"{path} is damaged; rerun the command that wrote it"
+    if record.get("stage") != stage:
+        return record, f"{path} is stage {record.get('stage')!r}'s, not {stage!r}'s"
+    for name, sha in outputs.items():
+        if not (folder / name).is_file() or file_sha(folder / name) != sha:
+            return record, f"{folder / name} is missing or changed since {path.name} was written"
+    for given, sha in zip(inputs, made_from, strict=False):
+        if not given.is_file() or file_sha(given) != sha:
+            return record, f"it was made from another {given} than the run's"
+    return record, None

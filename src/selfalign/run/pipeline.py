@@ -15,8 +15,11 @@ config, preflight and stage hashes from `selfalign.run.settings`. Each stage res
 stage that is done with the same settings is skipped; one whose settings changed is refused until
 the user says `--force STAGE`, which redoes it and every later selected stage (their inputs
 change); later stages outside `--stages` are marked stale, not deleted, and are redone when next
-selected. A redone stage's previous folder waits in RUN/.trash/ until the redo succeeds. One
-process works in a run directory at a time (`selfalign.run.lock`).
+selected. A stage never run here whose outputs the stage commands wrote (Slurm: the merge and
+finalize steps leave STAGE/stage.json, `selfalign.run.manifest`) is adopted as done when a later
+stage needs it, if its settings are this config's and its files unchanged; otherwise refused.
+A redone stage's previous folder waits in RUN/.trash/ until the redo succeeds. One process works
+in a run directory at a time (`selfalign.run.lock`).
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from selfalign.generation.records import ResumeMismatch
 from selfalign.jsonl import read_jsonl, write_text_atomic
 from selfalign.run.failures import disk_full, failure_reason, log_failure, unexpected
 from selfalign.run.lock import DirLock
-from selfalign.run.manifest import Manifest, config_hash
+from selfalign.run.manifest import STAGE_RECORD, Manifest, config_hash, record_problem
 from selfalign.run.registry import STAGE, STAGES, Stage, names, producers
 from selfalign.run.settings import (
     PipelineConfig,
+    changed_keys,
     changed_message,
     check_force,
     stage_configs,
@@ -139,12 +143,58 @@ class Pipeline:
 
     def _check_inputs(self, manifest: Manifest, stage: Stage, selected: list[str]) -> None:
         for producer in producers(stage):
-            if producer.name not in selected and manifest.stage(producer.name)["status"] != "done":
+            status = manifest.stage(producer.name)["status"]
+            if producer.name in selected or status == "done":
+                continue
+            if status == "pending" and self._adopt(manifest, producer):
+                continue
+            raise UserError(
+                f"stage {stage.name!r} needs stage {producer.name!r} "
+                f"({', '.join(i for i in stage.inputs if i in producer.outputs)}), which is not "
+                f"done; include it: --stages {producer.number}-{stage.number}"
+            )
+
+    def _adopt(self, manifest: Manifest, stage: Stage) -> bool:
+        """Record as done a stage this run never ran but the stage commands made (the Slurm
+        scripts: its merge/finalize step wrote STAGE/stage.json once its outputs were complete),
+        if its outputs and inputs are unchanged since and its settings are this config's. False
+        when there is no record; a record that does not fit is refused in one line."""
+        folder = stage.path(self.run)
+        inputs = [self.run / name for name in stage.inputs]
+        record, problem = record_problem(folder, stage.name, inputs)
+        if record is None:
+            return False
+        where = f"{folder / STAGE_RECORD}: stage {stage.name!r} made by the stage commands"
+        if problem:
+            raise UserError(f"{where} cannot be adopted: {problem}")
+        changed = [
+            k if k.startswith(("model", "constitution")) else f"{stage.name}.{k}"
+            for k in changed_keys(record["settings"], self.settings[stage.name])
+        ]
+        if changed:
+            raise UserError(
+                f"{where} ran with other settings than {self.cfg.run_dir}'s config "
+                f"({', '.join(changed[:5])}); rerun it with this config's stage files "
+                f"(selfalign run CONFIG --print-slurm DIR), or run it here: --stages "
+                f"{stage.number}-"
+            )
+        for producer in producers(stage):  # its inputs came from them: they must be done too
+            if manifest.stage(producer.name)["status"] != "done" and not (
+                manifest.stage(producer.name)["status"] == "pending"
+                and self._adopt(manifest, producer)
+            ):
                 raise UserError(
-                    f"stage {stage.name!r} needs stage {producer.name!r} "
-                    f"({', '.join(i for i in stage.inputs if i in producer.outputs)}), which is not "
-                    f"done; include it: --stages {producer.number}-{stage.number}"
+                    f"{where} cannot be adopted: stage {producer.name!r}, which made its inputs, "
+                    f"is not done; run it: --stages {producer.number}-"
                 )
+        source = str((folder / STAGE_RECORD).relative_to(self.run))
+        manifest.adopt(stage.name, self.hashes[stage.name], self.settings[stage.name], record,
+                       source)  # fmt: skip
+        files = ", ".join(record["outputs"])
+        self.events("stage_adopted", f"[{stage.name}] adopted as done: made by the stage commands "
+                    f"with this config's settings ({files}; {source})", stage=stage.name,
+                    record=source)  # fmt: skip
+        return True
 
     # running ------------------------------------------------------------------------------------
 

@@ -278,12 +278,12 @@ def parse_stages(text: str | None) -> list[str]:
     return stages[lo : hi + 1]
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
+            keys += changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
@@ -306,7 +306,7 @@ def check_force(force: set[str], selected: list[str]) -> set[str]:
 def changed_message(stage: str, entry: dict[str, Any], settings: dict[str, Any]) -> str:
     changed = [
         k if k.startswith(("model", "constitution")) else f"{stage}.{k}"
-        for k in _changed_keys(entry.get("settings", {}), settings)
+        for k in changed_keys(entry.get("settings", {}), settings)
     ]
     what = ", ".join(changed[:5]) or "an earlier stage's settings"
     return (

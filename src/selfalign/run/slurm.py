@@ -5,14 +5,17 @@ them (`selfalign run CONFIG --print-slurm DIR`). Reads nothing; writes only into
 
     stage1.yaml, self_align.yaml   the `model:` and stage sections of the pipeline config, as the
                                    stage commands read them (`--config`)
-    1a_self_instruct.sbatch        array: `selfalign self-instruct --shard I/N`
+    1a_self_instruct.sbatch        array: `selfalign self-instruct --shard I/N` (raw rounds
+                                   I, I+N, ...; the merge filters them all in round order)
     1b_topics.sbatch               one job: `selfalign topics` (not sharded: each epoch needs the
                                    one before; the questions read its topics)
     1c_questions.sbatch            array, after 1b: `selfalign questions --shard I/N`
-    1d_merge.sbatch                after 1a and 1c: `selfalign merge-instructions` (no GPU)
+    1d_merge.sbatch                after 1a and 1c: `selfalign merge-instructions` (no GPU;
+                                   writes RUN/1_instructions/stage.json when complete)
     2a_self_align.sbatch           array, after 1d: `selfalign self-align --shard I/N`
     2b_finalize.sbatch             after 2a: `selfalign self-align --finalize` (no GPU)
-    3_train.sbatch                 after 2b: `selfalign run CONFIG --stages 3-`
+    3_train.sbatch                 after 2b: `selfalign run CONFIG --stages 3-` (adopts
+                                   stages 1-2 as done from their stage.json: same settings)
     submit.sh                      submits them in that order with --dependency=afterok:
 
 Each command writes where `selfalign run` would (RUN/1_instructions, RUN/2_self_align), so the
@@ -35,6 +38,9 @@ from selfalign.run.registry import STAGE
 # a shard count Slurm reads from the array; SHARDS=N in the environment wins, so one task can be
 # resubmitted alone (`SHARDS=8 sbatch --array=3 FILE`: its own array then counts 1 task)
 SHARD_ARG = '"$SLURM_ARRAY_TASK_ID/${SHARDS:-$SLURM_ARRAY_TASK_COUNT}"'
+# ROUNDS=R: self-instruct generates at least its rounds below R (the merge says R when the shards
+# stopped short of the target: `ROUNDS=R sbatch 1a_self_instruct.sbatch`, then the merge again)
+ROUNDS_ARG = '${ROUNDS:+--rounds "$ROUNDS"}'
 STAGE1_FILE, SELF_ALIGN_FILE, SUBMIT = "stage1.yaml", "self_align.yaml", "submit.sh"
 
 
@@ -93,7 +99,7 @@ def jobs(cfg, config: str | Path, folder: str | Path, overrides: Sequence[str] =
     train = " ".join(_q(a) for a in [config, *overrides, "--run-dir", run, "--stages", "3-"])
     return [
         Job("self_instruct", "1a_self_instruct.sbatch", "stage 1: self-instruct, one shard a task",
-            f"selfalign self-instruct {s1} --shard {SHARD_ARG}", array=True),
+            f"selfalign self-instruct {s1} --shard {SHARD_ARG} {ROUNDS_ARG}", array=True),
         Job("topics", "1b_topics.sbatch", "stage 1: topic brainstorm (one job, not sharded)",
             f"selfalign topics {s1}"),
         Job("questions", "1c_questions.sbatch", "stage 1: TGRT questions, one shard a task",

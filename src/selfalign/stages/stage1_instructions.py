@@ -11,7 +11,8 @@ Four steps, each reading and writing files in one directory:
 - `run_questions`: topic-guided questions from (type, topic) hints with few-shot examples.
   Writes `tgrt_questions.jsonl`, `tgrt_questions.rejected.jsonl`, raw `tgrt_questions.raw.jsonl`.
 - `run_merge`: union of both sources with ROUGE-L novelty across the whole merged set, seeded
-  shuffle. Writes `instructions.jsonl` and `rejected.jsonl` (every rejection of every step).
+  shuffle. Writes `instructions.jsonl` and `rejected.jsonl` (every rejection of every step);
+  after sharded self-instruct, first `self_instruct.jsonl` and its rejections from the raw rounds.
 
 Each `run_*(cfg, backend, out_dir, shard=None)` takes an already loaded backend and returns its
 counts: `generated` (candidates read from completions), `parsed`, `kept` and `rejected` by reason
@@ -19,10 +20,14 @@ counts: `generated` (candidates read from completions), `parsed`, `kept` and `re
 check a step's files without a model, so a command can fail before loading one.
 
 With `shard="i/n"` (0-based), self-instruct and questions run a deterministic slice and tag their
-files `<name>.shard<i>of<n>.jsonl`; the merge reads all shards. Raw completions are appended per
-batch by `generate_records`, so a killed step rerun continues where it stopped and the final
-files (written atomically) equal those of an uninterrupted run; a rerun whose prompts (seeds,
-prompt files) or sampling changed is refused, never mixed into the old completions.
+files `<name>.shard<i>of<n>.jsonl`; the merge reads all shards. A self-instruct round's prompts
+depend only on the seeds and the round number, so shard i generates rounds i, i+n, ... (raw
+completions only, as many as its yield says the run needs) and the merge filters all rounds in
+round order with one ROUGE-L pool: the kept set and ids equal one process's; TGRT questions
+enter the merge in id order, whatever the shard layout. Raw completions are appended per batch
+by `generate_records`, so a killed step rerun continues where it stopped and the final files
+(written atomically) equal those of an uninterrupted run; a rerun whose prompts (seeds, prompt
+files) or sampling changed is refused, never mixed into the old completions.
 
 Defects of the original scripts avoided here (each has a test): ROUGE-L only within a shard,
 (type, topic) resume that never matched, few-shot seed hints accepted as new questions, topic
@@ -49,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfalign.errors import UserError
 from selfalign.generation import Backend, Capabilities, Need, SamplingParams, require, row_seed
-from selfalign.generation.records import generate_records, verdicts
+from selfalign.generation.records import check_resume, generate_records, prompt_shas, verdicts
 from selfalign.jsonl import read_jsonl, write_jsonl_atomic
 from selfalign.shards import Shard, parse_shard
 from selfalign.text.novelty import NoveltyPool
@@ -157,7 +162,7 @@ class SelfInstructConfig(BaseModel):
     seed_tasks: str | None = Field(None, description="Seed tasks JSONL; unset = bundled defaults.")
     meta_prompt: str | None = Field(None, description="Meta prompt text file; unset = bundled.")
     num_instructions: int = Field(
-        8192, ge=1, description="Instructions to keep (split over shards)."
+        8192, ge=1, description="Instructions to keep (in all: shards split the rounds, not this)."
     )
     num_prompt_instructions: int = Field(5, ge=1, description="Seed tasks shown per prompt.")
     prompts_per_round: int = Field(64, ge=1, description="Prompts generated before filtering.")
@@ -431,14 +436,23 @@ def check_instruction(
 # ----------------------------------------------------------------------------- self-instruct shell
 
 
-def _self_instruct_round(cfg, seeds, meta, tag: str, r: int) -> list[dict]:
+def _self_instruct_round(cfg: SelfInstructConfig, seeds, meta: str, r: int) -> list[dict]:
+    """Round `r`'s prompts. They depend only on the seed tasks, the meta prompt, the seed and `r`
+    (not on what was kept before, nor on which shard makes them), so shards can split the rounds
+    and the merge replay one process's sequence."""
     rows = []
     for j in range(cfg.prompts_per_round):
-        pid = f"si{tag}-r{r:05d}-p{j:03d}"
+        pid = f"si-r{r:05d}-p{j:03d}"
         rng = random.Random(row_seed(cfg.seed, pid))
         examples = rng.sample(seeds, cfg.num_prompt_instructions)
         rows.append({"id": pid, "prompt": build_self_instruct_prompt(meta, examples), "round": r})
     return rows
+
+
+def max_rounds(cfg: SelfInstructConfig) -> int:
+    """`max_rounds`, or by default 4x the rounds needed at 1 kept instruction per 4 prompts."""
+    needed = math.ceil(4 * cfg.num_instructions / cfg.prompts_per_round)
+    return cfg.max_rounds or max(10, 4 * needed)
 
 
 def self_instruct_inputs(cfg: SelfInstructConfig) -> tuple[list[dict[str, str]], str]:
@@ -452,71 +466,142 @@ def self_instruct_inputs(cfg: SelfInstructConfig) -> tuple[list[dict[str, str]],
     return seeds, meta
 
 
-def run_self_instruct(
-    cfg: SelfInstructConfig, backend: Backend, out_dir: str | Path, shard: Any = None
-) -> dict[str, Any]:
-    """Generate and filter until this shard's share of `num_instructions` is kept (or
-    `max_rounds` is spent: the shortfall is reported, never looped on forever)."""
-    check_backend(cfg, backend)
-    shard, out_dir = parse_shard(shard), Path(out_dir)
-    seeds, meta = self_instruct_inputs(cfg)
-    target = shard.share(cfg.num_instructions)
-    max_rounds = cfg.max_rounds or max(10, 4 * math.ceil(4 * target / cfg.prompts_per_round))
+class _Rounds:
+    """Self-instruct's sequential filter: rounds in order, each parsed, cheap-filtered, then
+    ROUGE-L-filtered against the seeds and everything kept before it, until `target` is kept.
+    One process feeds it rounds as they are generated; the merge, every shard's rounds."""
+
+    def __init__(self, cfg: SelfInstructConfig, seeds: Sequence[dict], target: float):
+        self.cfg, self.target = cfg, target
+        self.blocklist = blocklist_patterns(cfg.blocklist)
+        self.pool = NoveltyPool(cfg.similarity_threshold, [t["instruction"] for t in seeds])
+        self.kept: list[dict] = []
+        self.rejected: list[dict] = []
+        self.rounds = self.prompts = self.generated = self.parsed = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.kept) >= self.target
+
+    def add(self, batch: list[dict]) -> None:
+        self.rounds += 1
+        self.prompts += len(batch)
+        generated, parsed = _filter_round(
+            batch, self.cfg, self.blocklist, self.pool, self.kept, self.rejected
+        )
+        self.generated += generated
+        self.parsed += parsed
+
+    def counts(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "prompts": self.prompts, "generated": self.generated,
+                "parsed": self.parsed}  # fmt: skip
+
+    def write(self, out_dir: Path) -> dict[str, Any]:
+        """Write `self_instruct.jsonl` and its rejections (the last round's surplus is rejected
+        as `surplus`); return the counts."""
+        target = int(self.target)
+        surplus = [{**r, "step": SELF_INSTRUCT, "reason": "surplus"} for r in self.kept[target:]]
+        kept, rejected = self.kept[:target], self.rejected + surplus
+        write_jsonl_atomic(out_dir / f"{SELF_INSTRUCT}.jsonl", kept)
+        write_jsonl_atomic(out_dir / f"{SELF_INSTRUCT}.rejected.jsonl", rejected)
+        return {**self.counts(), "kept": len(kept), "target": target,
+                "shortfall": target - len(kept), "rejected": _reasons(rejected)}  # fmt: skip
+
+
+def _round_generator(cfg: SelfInstructConfig, backend: Backend, seeds, meta: str, raw: Path):
+    """rounds -> each round's completions (generated now, or read back from `raw`)."""
     params = _params(cfg.sampling, cfg.suppress_eos, backend)
-    raw_path = out_dir / f"{SELF_INSTRUCT}{shard.tag}.raw.jsonl"
     blocklist = blocklist_patterns(cfg.blocklist)
-    pool = NoveltyPool(cfg.similarity_threshold, [t["instruction"] for t in seeds])
 
     def tally(row: dict) -> tuple[int, int]:  # parse + cheap filters (novelty comes per round)
         candidates = screen_self_instruct(row["completion"], row["finish_reason"], cfg, blocklist)
         return verdicts(c.reason for c in candidates)
 
-    kept: list[dict] = []
-    rejected: list[dict] = []
-    prompts = generated = parsed = rounds = 0
-    while len(kept) < target and rounds < max_rounds:
-        # generate as many rounds as the yield so far suggests, so that resume re-reads the raw
-        # file a few times rather than once per round
-        per_round = len(kept) / rounds if rounds else 0
-        ahead = math.ceil((target - len(kept)) / per_round) if per_round else max(1, rounds)
-        ahead = min(ahead, max_rounds - rounds)
-        records = [
-            row
-            for r in range(rounds, rounds + ahead)
-            for row in _self_instruct_round(cfg, seeds, meta, shard.tag, r)
-        ]
+    def generate(rounds: Sequence[int]) -> list[list[dict]]:
+        records = [row for r in rounds for row in _self_instruct_round(cfg, seeds, meta, r)]
         done = generate_records(
-            backend, records, params, raw_path, cfg.seed, label="self-instruct", tally=tally
+            backend, records, params, raw, cfg.seed, label="self-instruct", tally=tally
         )
         by_round: dict[int, list[dict]] = {}
         for row in done:
             by_round.setdefault(row["round"], []).append(row)
-        for r in range(rounds, rounds + ahead):
-            rounds += 1
-            batch = by_round.get(r, [])
-            prompts += len(batch)
-            n_generated, n_parsed = _filter_round(batch, cfg, blocklist, pool, kept, rejected)
-            generated += n_generated
-            parsed += n_parsed
-            if len(kept) >= target:
-                break
-    for extra in kept[target:]:
-        rejected.append({**extra, "step": SELF_INSTRUCT, "reason": "surplus"})
-    kept = kept[:target]
+        return [by_round.get(r, []) for r in rounds]
 
-    write_jsonl_atomic(out_dir / f"{SELF_INSTRUCT}{shard.tag}.jsonl", kept)
-    write_jsonl_atomic(out_dir / f"{SELF_INSTRUCT}{shard.tag}.rejected.jsonl", rejected)
+    return generate
+
+
+def run_self_instruct(
+    cfg: SelfInstructConfig,
+    backend: Backend,
+    out_dir: str | Path,
+    shard: Any = None,
+    rounds: int | None = None,
+) -> dict[str, Any]:
+    """Generate and filter rounds until `num_instructions` are kept (or `max_rounds` is spent:
+    the shortfall is reported, never looped on forever).
+
+    A shard i/n (n > 1) only generates: rounds i, i+n, i+2n, ... into its raw file, as many as
+    its own rounds' yield says the whole run needs (`shard_rounds`), and at least its rounds
+    below `rounds` (the merge names that number when the shards stopped short). `run_merge`
+    then filters every shard's rounds in round order, exactly as one process does."""
+    check_backend(cfg, backend)
+    shard, out_dir = parse_shard(shard), Path(out_dir)
+    seeds, meta = self_instruct_inputs(cfg)
+    raw = out_dir / f"{SELF_INSTRUCT}{shard.tag}.raw.jsonl"
+    generate = _round_generator(cfg, backend, seeds, meta, raw)
+    if shard.count > 1:
+        return _generate_shard(cfg, generate, seeds, shard, rounds)
+    target, limit = cfg.num_instructions, max_rounds(cfg)
+    filt = _Rounds(cfg, seeds, target)
+    while not filt.full and filt.rounds < limit:
+        # generate as many rounds as the yield so far suggests, so that resume re-reads the raw
+        # file a few times rather than once per round
+        per_round = len(filt.kept) / filt.rounds if filt.rounds else 0
+        ahead = math.ceil((target - len(filt.kept)) / per_round) if per_round else filt.rounds
+        ahead = min(max(ahead, 1), limit - filt.rounds)
+        for batch in generate(range(filt.rounds, filt.rounds + ahead)):
+            filt.add(batch)
+            if filt.full:
+                break
+    return {"step": SELF_INSTRUCT, "shard": "0/1", **filt.write(out_dir)}
+
+
+# a shard's own ROUGE-L pool holds only its rounds' instructions, so it rejects fewer than the
+# merge's pool of every shard's: it generates this much more than its own yield says is needed
+SHARD_MARGIN = 1.25
+
+
+def shard_rounds(kept: int, rounds: int, target: int, shard: Shard, available: int) -> int:
+    """How many of its rounds a shard generates, having kept `kept` (filtered alone) in its
+    first `rounds`: enough that the run's rounds up to its last would keep SHARD_MARGIN x the
+    `target` if every round kept as many as this shard's did. With no yield yet: one round, then
+    twice as many."""
+    if not rounds:
+        return 1
+    if not kept:
+        return min(2 * rounds, available)
+    run_rounds = math.ceil(SHARD_MARGIN * target * rounds / kept)
+    return min(len(range(shard.index, run_rounds, shard.count)), available)
+
+
+def _generate_shard(cfg: SelfInstructConfig, generate, seeds, shard: Shard, rounds: int | None):
+    mine = range(shard.index, max_rounds(cfg), shard.count)
+    floor = len(range(shard.index, min(rounds or 0, mine.stop), shard.count))
+    alone = _Rounds(cfg, seeds, math.inf)  # this shard's rounds by themselves: their yield
+    while alone.rounds < len(mine):
+        want = shard_rounds(len(alone.kept), alone.rounds, cfg.num_instructions, shard, len(mine))
+        want = max(want, floor)
+        if alone.rounds >= want:
+            break
+        for batch in generate(mine[alone.rounds : want]):
+            alone.add(batch)
     return {
         "step": SELF_INSTRUCT,
         "shard": f"{shard.index}/{shard.count}",
-        "rounds": rounds,
-        "prompts": prompts,
-        "generated": generated,
-        "parsed": parsed,
-        "kept": len(kept),
-        "target": target,
-        "shortfall": target - len(kept),
-        "rejected": _reasons(rejected),
+        **alone.counts(),
+        "last_round": mine[alone.rounds - 1],
+        "kept_alone": len(alone.kept),
+        "target": cfg.num_instructions,
     }
 
 
@@ -1031,7 +1116,7 @@ def _step_files(out_dir: Path, step: str, suffix: str = "") -> list[Path]:
 def _check_shards(out_dir: Path, step: str, files: list[Path], allow_missing: bool) -> None:
     counts = {}
     for path in files:
-        m = re.search(r"\.shard(\d+)of(\d+)\.jsonl$", path.name)
+        m = re.search(r"\.shard(\d+)of(\d+)(\.raw)?\.jsonl$", path.name)
         if m:
             counts.setdefault(int(m[2]), set()).add(int(m[1]))
     for n, present in counts.items():
@@ -1043,15 +1128,22 @@ def _check_shards(out_dir: Path, step: str, files: list[Path], allow_missing: bo
             )
 
 
-def run_merge(cfg: MergeConfig, out_dir: str | Path) -> dict[str, Any]:
+def run_merge(
+    cfg: MergeConfig, out_dir: str | Path, self_instruct: SelfInstructConfig | None = None
+) -> dict[str, Any]:
     """Merge every self-instruct and TGRT file of `out_dir` (all shards) into `instructions.jsonl`.
 
-    Needs no model. Records are decided in a fixed
-    order (self-instruct shards, then TGRT shards): exact duplicates (same normalised
-    instruction and input) are dropped, then the ROUGE-L filter runs over the whole merged set,
-    seeds first. The kept records are shuffled with the config seed.
+    Needs no model. Self-instruct shards wrote raw rounds only: given the `self_instruct`
+    settings, their rounds are filtered here in round order, as one process filters them, into
+    `self_instruct.jsonl` (`merge_self_instruct`). Records are then decided in a fixed order
+    (self-instruct, then TGRT questions by id, whatever the shard layout): exact duplicates (same
+    normalised instruction and input) are dropped, then the ROUGE-L filter runs over the whole
+    merged set, seeds first. The kept records are shuffled with the config seed.
     """
     out_dir = Path(out_dir)
+    self_counts = None
+    if self_instruct is not None:
+        self_counts = merge_self_instruct(self_instruct, out_dir, cfg.allow_missing_shards)
     inputs: list[dict] = []
     per_source = {}
     found = False
@@ -1060,6 +1152,8 @@ def run_merge(cfg: MergeConfig, out_dir: str | Path) -> dict[str, Any]:
         _check_shards(out_dir, step, files, cfg.allow_missing_shards)
         found = found or bool(files)
         records = [r for path in files for r in read_jsonl(path)]
+        if step == QUESTIONS:
+            records.sort(key=_question_order)
         per_source[step] = len(records)
         inputs += records
     if not found:
@@ -1114,7 +1208,77 @@ def run_merge(cfg: MergeConfig, out_dir: str | Path) -> dict[str, Any]:
         "kept_per_source": dict(Counter(r["source"] for r in kept)),
         "rejected": _reasons(rejected),
         "rejected_all_steps": _reasons(step_rejections + rejected),
+        **({"self_instruct": self_counts} if self_counts else {}),
     }
+
+
+def _question_order(r: dict) -> tuple:
+    # each shard's file holds its own groups; by id (content hashes: a seeded-random order) the
+    # merge sees one sequence whatever the shard layout, so sharded and single runs keep the same
+    group, _, hint = str(r["id"]).rpartition("-")
+    return group, int(hint) if hint.isdigit() else -1, str(r["id"])
+
+
+def merge_self_instruct(
+    cfg: SelfInstructConfig, out_dir: Path, allow_missing: bool = False
+) -> dict[str, Any] | None:
+    """One process's sequential filter over the raw rounds of every self-instruct shard, in round
+    order, until `num_instructions` are kept; writes `self_instruct.jsonl` and its rejections as
+    one process would. None when no shard wrote a raw file (one process wrote those files).
+
+    A round missing from the raw files stops the merge with what to rerun (`allow_missing`:
+    filter the rounds that are there). Each completion's prompt is checked against the prompt
+    these settings make for its id (raw files of other settings are refused)."""
+    raws = _step_files(out_dir, SELF_INSTRUCT, ".raw")
+    sharded = [p for p in raws if ".shard" in p.name]
+    if not sharded:
+        return None
+    _check_shards(out_dir, SELF_INSTRUCT, sharded, allow_missing)
+    seeds, meta = self_instruct_inputs(cfg)
+    rows: dict[str, tuple[Path, dict]] = {}  # the ids are the same in every shard layout
+    for path in raws:
+        for row in read_jsonl(path):
+            rows.setdefault(row["id"], (path, row))
+    last = max((row.get("round", -1) for _, row in rows.values()), default=-1)
+    filt = _Rounds(cfg, seeds, cfg.num_instructions)
+    limit = max_rounds(cfg)
+    for r in range(min(limit, last + 1) if allow_missing else limit):
+        if filt.full:
+            break
+        batch = _raw_round(cfg, seeds, meta, r, rows)
+        if batch is not None:
+            filt.add(batch)
+        elif not allow_missing:
+            raise UserError(_stopped_short(out_dir, cfg, r, len(filt.kept), sharded))
+    return {"step": SELF_INSTRUCT, "shards": len(sharded), **filt.write(out_dir)}
+
+
+def _raw_round(cfg, seeds, meta, r: int, rows: dict[str, tuple[Path, dict]]) -> list[dict] | None:
+    """Round `r`'s completions from the raw files, or None if one is missing."""
+    planned = _self_instruct_round(cfg, seeds, meta, r)
+    found = [rows.get(p["id"]) for p in planned]
+    if any(f is None for f in found):
+        return None
+    shas = prompt_shas(p["prompt"] for p in planned)
+    hint = "merge with the settings the shards ran with, or delete that file and rerun its shard"
+    for (path, row), sha in zip(found, shas, strict=True):
+        check_resume([row], {row["id"]: (sha, None)}, path, hint)
+    return [row for _, row in found]
+
+
+def _stopped_short(out_dir: Path, cfg: SelfInstructConfig, r: int, kept: int, files) -> str:
+    """What to rerun when the shards' rounds end before the target is kept."""
+    count = max(int(re.search(r"\.shard\d+of(\d+)\.", p.name)[1]) for p in files)
+    limit = max_rounds(cfg)
+    want = math.ceil(SHARD_MARGIN * cfg.num_instructions * r / kept) if kept else 2 * r
+    want = min(max(want, r + 1), limit)
+    return (
+        f"{out_dir}: the self-instruct shards stopped short: their first {r} rounds keep {kept} "
+        f"of {cfg.num_instructions} instructions and round {r} (shard {r % count}/{count}) is "
+        f"not complete; rerun the self-instruct shards with --rounds {want} (Slurm: ROUNDS={want} "
+        f"SHARDS={count} sbatch 1a_self_instruct.sbatch), then the merge (or set "
+        "merge.allow_missing_shards to merge the rounds there are)"
+    )
 
 
 def _merged(r: dict) -> dict:
