@@ -29,6 +29,7 @@ NAME = "selfalign_shared_prefix"
 # Architectures whose attention layers are plain softmax attention reached through the attention
 # interface (no soft-capping, sinks or sliding windows): others keep attending row by row.
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+STEP_SCORES = 1 << 26  # float32 attention scores computed at once off CPU (256 MiB)
 
 _prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: [1, kv heads, P, dim]
 
@@ -87,13 +88,22 @@ def _fused(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _stepwise(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    if bias is not None:
-        scores = scores + bias
-    top = scores.amax(-1, keepdim=True)
-    weights = (scores - top).exp()
-    total = weights.sum(-1, keepdim=True)
-    return torch.matmul((weights / total).to(v.dtype), v), top + total.log()
+    """The same step by step, a slice of the queries at a time so that the float32 scores stay
+    under STEP_SCORES (a batch's prefill against a 2K-token prefix would need gigabytes)."""
+    per_query = q.shape[0] * q.shape[1] * k.shape[-2]
+    step = max(1, STEP_SCORES // per_query)
+    outs, lses = [], []
+    for start in range(0, q.shape[-2], step):
+        rows = slice(start, start + step)
+        scores = torch.matmul(q[..., rows, :], k.transpose(-1, -2)).float() * scale
+        if bias is not None:
+            scores = scores + bias[..., rows, :]
+        top = scores.amax(-1, keepdim=True)
+        weights = (scores - top).exp()
+        total = weights.sum(-1, keepdim=True)
+        outs.append(torch.matmul((weights / total).to(v.dtype), v))
+        lses.append(top + total.log())
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-2)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
