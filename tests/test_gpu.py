@@ -41,7 +41,7 @@ def test_shared_prefix_greedy_is_exact_on_cuda(tiny_model_dir, batch_size):
     prompts = [PREFIX + p for p in PROMPTS]
     shared = cuda_backend(tiny_model_dir, "float32", batch_size)
     got = shared.generate(prompts, greedy)
-    assert shared.last_shared_prefix >= 100
+    assert shared.last_shared_prefix >= 100 and shared.shared_attention  # step-by-step kernel
     plain = cuda_backend(tiny_model_dir, "float32", 1, share_prefix=False).generate(prompts, greedy)
     assert [c.text for c in got] == [c.text for c in plain]
 
@@ -74,3 +74,26 @@ def test_engrave_on_cuda_trains_in_half_precision(tiny_model_dir, tmp_path):
     stats = json.loads((tmp_path / "model/train_stats.json").read_text())
     assert stats["precision"] in ("bf16", "fp16"), stats
     assert (tmp_path / "model/model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_launched_training_on_cuda_in_bf16(tiny_model_dir, tmp_path, distributed, method):
+    """One process under `accelerate launch` (FSDP from the shipped config), as processes: N
+    starts them: the model is gathered, saved once and loads."""
+    from test_engrave import IDENTITY, sft_rows, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from selfalign.jsonl import write_jsonl_atomic
+    from selfalign.training import launch
+
+    write_jsonl_atomic(tmp_path / "sft.jsonl", sft_rows(16))
+    cfg = tiny_config(tiny_model_dir, max_steps=6, method=method, precision="bf16",
+                      distributed=distributed)  # fmt: skip
+    job = {"config": cfg.model_dump(), "sft_path": str(tmp_path / "sft.jsonl"),
+           "out_dir": str(tmp_path / "model"), "identity": IDENTITY.model_dump(),
+           "constitution": None, "command": None, "data_description": "test"}  # fmt: skip
+    launch.train_launched(cfg, 1, job, tmp_path / "model")
+    stats = json.loads((tmp_path / "model/train_stats.json").read_text())
+    assert stats["steps"] == 6 and stats["precision"] == "bf16"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "model", use_safetensors=True)
