@@ -90,9 +90,7 @@ def test_launched_training_on_cuda_in_bf16(tiny_model_dir, tmp_path, distributed
     write_jsonl_atomic(tmp_path / "sft.jsonl", sft_rows(16))
     cfg = tiny_config(tiny_model_dir, max_steps=6, method=method, precision="bf16",
                       distributed=distributed)  # fmt: skip
-    job = {"config": cfg.model_dump(), "sft_path": str(tmp_path / "sft.jsonl"),
-           "out_dir": str(tmp_path / "model"), "identity": IDENTITY.model_dump(),
-           "constitution": None, "command": None, "data_description": "test"}  # fmt: skip
+    job = launch.make_job(cfg, tmp_path / "sft.jsonl", tmp_path / "model", IDENTITY)
     launch.train_launched(cfg, 1, job, tmp_path / "model")
     stats = json.loads((tmp_path / "model/train_stats.json").read_text())
     assert stats["steps"] == 6 and stats["precision"] == "bf16"

@@ -118,9 +118,7 @@ def test_two_processes_train_as_one_does(tiny_model_dir, sft_file, tmp_path):
 def test_a_failed_rank_fails_the_run_with_its_reason(tiny_model_dir, sft_file, tmp_path):
     # accelerate applies FSDP to GPUs only: on CPU it would quietly run DDP, and each rank refuses
     cfg = config(tiny_model_dir, processes=2, distributed="fsdp")
-    job = {"config": cfg.model_dump(), "sft_path": str(sft_file), "out_dir": str(tmp_path),
-           "identity": IDENTITY.model_dump(), "constitution": None, "command": None,
-           "data_description": "test"}  # fmt: skip
+    job = launch.make_job(cfg, sft_file, tmp_path, IDENTITY, data_description="test")
     with pytest.raises(UserError) as failed:
         launch.train_launched(cfg, 2, job, tmp_path)
     message = str(failed.value)

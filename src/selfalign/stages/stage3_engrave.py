@@ -61,10 +61,8 @@ def run_engrave(
     if n > 1:
         if callbacks:
             raise ValueError("callbacks cannot reach launched training processes")
-        job = {"config": cfg.model_dump(), "sft_path": str(Path(sft_path).resolve()),
-               "out_dir": str(out_dir.resolve()), "identity": identity.model_dump(),
-               "constitution": constitution, "command": command,
-               "data_description": data_description}  # fmt: skip
+        job = launch.make_job(cfg, sft_path, out_dir, identity, constitution, command,
+                              data_description)  # fmt: skip
         launch.train_launched(cfg, n, job, out_dir)
         return model_dir.train_stats(out_dir)
     stats = sft.train(cfg, model_name, rows, out_dir, identity, fingerprint, callbacks, sft_path)

@@ -112,8 +112,24 @@ def _accelerate_config(cfg) -> Path | None:
     return ACCELERATE_CONFIGS / name if name else None
 
 
+def make_job(
+    cfg,
+    sft_path,
+    out_dir,
+    identity: Identity,
+    constitution: str | None = None,
+    command: str | None = None,
+    data_description: str = "",
+) -> dict[str, Any]:
+    """The arguments of `run_engrave`, as `job.json` carries them to every process (`main`)."""
+    return {"config": cfg.model_dump(), "sft_path": str(Path(sft_path).resolve()),
+            "out_dir": str(Path(out_dir).resolve()), "identity": identity.model_dump(),
+            "constitution": constitution, "command": command,
+            "data_description": data_description}  # fmt: skip
+
+
 def train_launched(cfg, n: int, job: dict[str, Any], out_dir: Path) -> None:
-    """Train `job` (the arguments of `run_engrave`) in `n` processes; return when rank 0 has
+    """Train `job` (`make_job`) in `n` processes; return when rank 0 has
     written the model directory; a UserError naming the first failed rank otherwise."""
     folder = out_dir / LAUNCH_DIR
     shutil.rmtree(folder, ignore_errors=True)  # a failed attempt's error files
