@@ -60,6 +60,8 @@ def test_launch_command_names_the_sharding_config(tiny_model_dir, tmp_path):
     assert ddp[-3:] == ["-m", "selfalign.training.launch", str(job)]
     assert ddp[ddp.index("--num_processes") + 1] == "2"
     assert ddp[ddp.index("--mixed_precision") + 1] == "no"  # fp32 on CPU
+    # one process: accelerate refuses --multi_gpu ("at least 2 processes"), found on an H200
+    assert "--multi_gpu" not in launch.launch_command(config(tiny_model_dir), 1, job)
     fsdp = launch.launch_command(config(tiny_model_dir, distributed="fsdp"), 2, job)
     shipped = Path(fsdp[fsdp.index("--config_file") + 1])
     assert shipped.name == "fsdp.yaml" and "--multi_gpu" not in fsdp
@@ -132,7 +134,7 @@ def _engrave_command(tmp_path, model, sft_file, processes) -> list[str]:
     path = tmp_path / f"engrave-{processes}.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v is not None}))
     return [sys.executable, "-m", "selfalign", "engrave", "--config", str(path),
-            "--data", str(sft_file), "--out", str(tmp_path / "model")]  # fmt: skip
+            "--data", str(sft_file), "--output", str(tmp_path / "model")]  # fmt: skip
 
 
 def _launched_processes(job: Path) -> list[int]:

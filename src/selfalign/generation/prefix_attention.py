@@ -21,9 +21,12 @@ is a 4D boolean mask over those (`suffix_mask`).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
 
 NAME = "selfalign_shared_prefix"
 # Architectures whose attention layers are plain softmax attention reached through the attention
@@ -31,7 +34,8 @@ NAME = "selfalign_shared_prefix"
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 STEP_SCORES = 1 << 26  # float32 attention scores computed at once off CPU (256 MiB)
 
-_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: [1, kv heads, P, dim]
+_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+_cuda_fused = True  # cleared when the CUDA kernels refuse the shapes (then step by step)  # per layer: [1, kv heads, P, dim]
 
 
 def shared_prefix_attention(
@@ -75,16 +79,42 @@ def shared_prefix_attention(
 
 
 def _partial(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale + bias) v, and its log-sum-exp [..., Lq, 1] in float32: on CPU one
-    fused kernel (PyTorch's flash attention for CPU returns the log-sum-exp), elsewhere step by
-    step (the public SDPA does not return it)."""
-    return (_fused if q.device.type == "cpu" else _stepwise)(q, k, v, bias, scale)
+    """softmax(q k^T * scale + bias) v, and its log-sum-exp [..., Lq, 1] in float32, in one fused
+    kernel that returns the log-sum-exp (the public SDPA does not): PyTorch's flash attention on
+    CPU; on CUDA flash attention (16-bit, no mask) or memory-efficient attention; elsewhere, or
+    if the CUDA kernel refuses the shapes, step by step."""
+    global _cuda_fused
+    if q.device.type == "cpu":
+        return _fused(q, k, v, bias, scale)
+    if q.device.type == "cuda" and _cuda_fused:
+        try:
+            return _fused_cuda(q, k, v, bias, scale)
+        except RuntimeError as error:  # an unsupported head size or layout: same result, slower
+            log.warning("fused CUDA attention unavailable (%s); attending step by step", error)
+            _cuda_fused = False
+    return _stepwise(q, k, v, bias, scale)
 
 
 def _fused(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out, lse = op(q, k, v, attn_mask=bias, scale=scale)
     return out, lse.float().unsqueeze(-1)
+
+
+def _fused_cuda(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lq = q.shape[-2]
+    if bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        op = torch.ops.aten._scaled_dot_product_flash_attention
+        out, lse = op(q, k, v, scale=scale)[:2]
+    else:
+        if bias is not None:  # the kernel wants the bias's rows 16-aligned in memory, per head
+            keys = bias.shape[-1]
+            aligned = bias.new_empty((*bias.shape[:-1], -(-keys // 16) * 16))
+            aligned[..., :keys] = bias
+            bias = aligned[..., :keys].expand(q.shape[0], q.shape[1], lq, keys)
+        op = torch.ops.aten._scaled_dot_product_efficient_attention
+        out, lse = op(q, k, v, bias, True, scale=scale)[:2]
+    return out, lse[..., :lq].float().unsqueeze(-1)  # the log-sum-exp is padded to 32 queries
 
 
 def _stepwise(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

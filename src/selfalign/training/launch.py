@@ -83,9 +83,9 @@ def launch_command(cfg, n: int, job: Path) -> list[str]:
         command += ["--use_fsdp"]
     elif cfg.distributed == "deepspeed":
         command += ["--use_deepspeed"]
-    else:
+    elif n > 1:
         # torchrun's launcher (accelerate's `--cpu` would start one process): without CUDA the
-        # Trainer (use_cpu) joins the processes over gloo
+        # Trainer (use_cpu) joins the processes over gloo. (accelerate refuses it for one process.)
         command += ["--multi_gpu"]
     _, precision = device_and_precision(cfg)
     command += ["--mixed_precision", {"fp32": "no"}.get(precision, precision)]
