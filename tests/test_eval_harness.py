@@ -494,3 +494,24 @@ def test_several_gpus_split_the_model_unless_one_is_named():
     assert harness.placement("cuda:1", "cuda:1", 8) == {"device": "cuda:1"}
     assert harness.placement("auto", "cuda", 1) == {"device": "cuda"}
     assert harness.placement("auto", "cpu", 0) == {"device": "cpu"}
+
+
+def test_without_lm_eval_scoring_names_the_extra(tmp_path, tiny_model_dir, monkeypatch):
+    """lm-evaluation-harness is the `eval` extra: without it, one line that says how to get it
+    (from `selfalign eval` and stage 5 alike), before any model is loaded."""
+    import importlib.util
+
+    from selfalign.stages.stage5_evaluate import EvaluateConfig, run_evaluate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a)
+    )
+    with pytest.raises(UserError, match=r"pip install 'selfalign\[eval\]'"):
+        make_lm(EvalModel(path=str(tiny_model_dir)))
+    with pytest.raises(UserError, match=r"selfalign\[eval\].*evaluate.tasks: \[\]"):
+        run_evaluate(EvaluateConfig(), {"base": tmp_path / "missing"}, tmp_path / "out", None)
+    # tasks: [] needs no harness: answers (none here) and judge only
+    paths = {m: tiny_model_dir for m in ("base", "engraved", "final")}
+    run_evaluate(EvaluateConfig(tasks=[], answers=0), paths, tmp_path / "out", None)
+    assert json.loads((tmp_path / "out/results.json").read_text())["mc"] == {}

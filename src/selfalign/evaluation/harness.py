@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import io
 import json
 import logging
@@ -128,6 +129,7 @@ def _local_lm(model: EvalModel):
                 f"{path / 'adapter_config.json'}: its base model {base} is not a directory here"
             )
         pretrained, peft = base, str(path)
+    require_lm_eval()
     if model.engine == "hf":
         from lm_eval.models.huggingface import HFLM as LM
     else:
@@ -177,11 +179,21 @@ def _server_lm(model: EvalModel):
         ) from None
 
 
+def require_lm_eval() -> None:
+    """Multiple-choice scoring runs in lm-evaluation-harness, the optional `eval` extra."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError(
+            "scoring TruthfulQA / HHH needs lm-evaluation-harness: pip install 'selfalign[eval]' "
+            "(or set evaluate.tasks: [] to skip the scores)"
+        )
+
+
 @functools.cache
 def _served_lm_class():
     """lm-eval's `local-completions` model, encoding text as HFLM does, so a served model scores
     as the same model in process: with the tokenizer's special tokens, unless the text already
     starts with the BOS (as a chat template's text may), which is not doubled."""
+    require_lm_eval()
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     class ServedLM(LocalCompletionsAPI):

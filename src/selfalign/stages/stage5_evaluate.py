@@ -55,7 +55,8 @@ class EvaluateConfig(BaseModel):
     models: list[Which] = Field(list(MODELS), description="Which models are evaluated.")
     tasks: list[str] = Field(
         ["truthfulqa_mc1", "truthfulqa_mc2", "hhh"],
-        description="Multiple-choice tasks (`selfalign eval --list-tasks` lists them).",
+        description="Multiple-choice tasks (`selfalign eval --list-tasks` lists them); [] = no "
+        "scores (answers and judge only; lm-evaluation-harness not needed).",
     )
     limit: int | None = Field(None, ge=1, description="Items per task at most; None = all.")
     batch_size: int = Field(8, ge=1, description="Scoring batch size.")
@@ -83,7 +84,7 @@ class EvaluateConfig(BaseModel):
         from selfalign.evaluation.harness import resolve_tasks
 
         try:
-            return resolve_tasks(tasks)
+            return resolve_tasks(tasks) if tasks else []
         except UserError as e:
             raise ValueError(str(e)) from None
 
@@ -105,13 +106,15 @@ def run_evaluate(
     """Score, answer and (optionally) judge the models of `paths` ({"base": dir, ...}) into
     `out`; `answer_backend(label)` opens a generation backend for a model (closed by the caller).
     Returns the counts for the manifest; `out/results.json` holds the summary."""
-    from selfalign.evaluation.harness import EvalModel, run_mc
+    from selfalign.evaluation.harness import EvalModel, require_lm_eval, run_mc
 
+    if cfg.tasks:
+        require_lm_eval()
     for label, path in paths.items():
         if not Path(path).exists():
             raise UserError(f"evaluate: the {label} model {path} does not exist; rerun its stage")
     mc: dict[str, dict[str, Any]] = {}
-    for label in cfg.models:
+    for label in cfg.models if cfg.tasks else ():
         model = EvalModel(path=str(paths[label]), device=device, dtype=dtype,
                           batch_size=cfg.batch_size, engine=cfg.engine)  # fmt: skip
         modes = score_modes(label, cfg.chat_template)
