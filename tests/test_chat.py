@@ -3,17 +3,26 @@ stages 3 -> 4 -> chat end to end through the CLI."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import sys
+import threading
+from contextlib import contextmanager
 
 import pytest
 from cli_run import run_main as cli
 
 from selfalign.chat import (
+    COMMANDS,
+    EXIT_HINT,
+    HELP,
     ChatSettings,
     chat_loop,
     fit_history,
     question_messages,
     run_answer,
+    stream_reply,
     visible_text,
 )
 from selfalign.errors import UserError
@@ -60,18 +69,9 @@ def test_visible_text_hides_turn_markers_split_across_pieces():
 def test_chat_streams_keeps_turns_and_resets(loaded):
     model, tokenizer = loaded
     inputs = iter(["Hello there", "And then?", "/reset", "Fresh start", "/exit", "never read"])
-    prompts_seen = []
     written: list[str] = []
     settings = ChatSettings(temperature=0, max_new_tokens=12)
-
-    real = tokenizer.apply_chat_template
-
-    def spy(messages, *args, **kwargs):
-        if kwargs.get("return_tensors"):
-            prompts_seen.append([m["content"] for m in messages])
-        return real(messages, *args, **kwargs)
-
-    tokenizer.apply_chat_template = spy
+    prompts_seen = spy_prompts(tokenizer)
     try:
         final = chat_loop(
             model, tokenizer, settings, read=lambda _: next(inputs), write=written.append
@@ -125,6 +125,106 @@ def test_old_turns_are_dropped_to_fit_the_context(loaded):
     messages = [{"role": "system", "content": "S"}, *long, {"role": "user", "content": "last"}]
     kept = fit_history(tokenizer, messages, budget=200)
     assert kept[0]["content"] == "S" and kept[-1]["content"] == "last" and len(kept) < len(messages)
+
+
+def spy_prompts(tokenizer) -> list[list[str]]:
+    """The message contents of every prompt the model is asked to answer (until `del
+    tokenizer.apply_chat_template`)."""
+    seen: list[list[str]] = []
+    real = tokenizer.apply_chat_template
+
+    def spy(messages, *args, **kwargs):
+        if kwargs.get("return_tensors"):
+            seen.append([m["content"] for m in messages])
+        return real(messages, *args, **kwargs)
+
+    tokenizer.apply_chat_template = spy
+    return seen
+
+
+def scripted(*lines):
+    """A `read` that returns `lines` in turn; an exception in them is raised (Ctrl-C, Ctrl-D)."""
+    pending = iter(lines)
+
+    def read(_prompt: str) -> str:
+        line = next(pending)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+    return read
+
+
+@contextmanager
+def no_escaping_ctrl_c():
+    """A KeyboardInterrupt that gets out fails the test (pytest would take it as the user's)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C got out of the chat")
+
+
+def test_slash_commands_stay_here_and_never_reach_the_model(loaded, tmp_path):
+    model, tokenizer = loaded
+    saved, written = tmp_path / "talk.json", []
+    read = scripted("/help", "/frobnicate now", "Hello", "/system Be brief.", "/system", "Again",
+                    "/save", f"/save {tmp_path}", f"/save {saved}", "/quit", "never read")  # fmt: skip
+    prompts = spy_prompts(tokenizer)
+    try:
+        chat_loop(model, tokenizer, ChatSettings(temperature=0, max_new_tokens=6), read,
+                  written.append)  # fmt: skip
+    finally:
+        del tokenizer.apply_chat_template
+    assert prompts == [["Hello"], ["Be brief.", "Again"]]  # /system also started over
+    assert COMMANDS + "\n" in written
+    assert "unknown command /frobnicate; /help lists the commands\n" in written
+    assert "system prompt: Be brief.\n" in written and "usage: /save FILE\n" in written
+    assert any(w.startswith(f"could not save to {tmp_path}: ") for w in written)  # and went on
+    talk = json.loads(saved.read_text())
+    assert talk["system"] == "Be brief." and talk["settings"]["max_new_tokens"] == 6
+    assert [m["role"] for m in talk["messages"]] == ["system", "user", "assistant"]
+    assert (
+        talk["messages"][0]["content"] == "Be brief." and talk["messages"][1]["content"] == "Again"
+    )
+
+
+def test_ctrl_c_stops_the_answer_and_its_generation_thread(loaded, monkeypatch):
+    model, tokenizer = loaded
+    shown: list[str] = []
+    lengths: list[int] = []  # new tokens of each generate() call
+    real_generate = model.generate
+
+    def generate(**kwargs):
+        out = real_generate(**kwargs)
+        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(model, "generate", generate)
+
+    def write(text: str) -> None:
+        shown.append(text)
+        if len(shown) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second piece is written
+
+    question, settings = [{"role": "user", "content": "Hello there"}], ChatSettings(temperature=0)
+    full, stopped = stream_reply(model, tokenizer, question, settings, lambda _: None)
+    assert full and not stopped
+    before = set(threading.enumerate())
+    with no_escaping_ctrl_c():
+        reply, stopped = stream_reply(model, tokenizer, question, settings, write)
+    assert stopped and reply == "".join(shown).strip() and len(shown) == 2
+    # generate must not outlive the answer: a daemon thread left in torch aborts the process
+    assert [t for t in threading.enumerate() if t not in before and t.is_alive()] == []
+    assert lengths[1] < lengths[0]  # and was stopped, not left to finish the answer
+
+
+def test_ctrl_c_at_the_prompt_hints_then_leaves(loaded):
+    model, tokenizer = loaded
+    written: list[str] = []
+    read = scripted(KeyboardInterrupt(), "/reset", KeyboardInterrupt(), KeyboardInterrupt(), "no")
+    with no_escaping_ctrl_c():
+        chat_loop(model, tokenizer, ChatSettings(), read, written.append)
+    assert "".join(written).count(EXIT_HINT) == 2  # a command between two presses: not twice
 
 
 def test_chat_without_template_is_a_user_error(tiny_model_dir):
@@ -238,7 +338,7 @@ def test_engrave_then_verbose_clone_then_chat(tiny_model_dir, tmp_path, monkeypa
 
     for model_dir in (final, final / "adapter"):
         code, out, err = cli(monkeypatch, capsys, "chat", str(model_dir), "--device", "cpu", "--temperature", "0",
-                             "--max-new-tokens", "8", stdin="Hello\nWho are you?\n/reset\nWho are you?\n/exit\n")  # fmt: skip
+                             "--max-tokens", "8", stdin="Hello\nWho are you?\n/reset\nWho are you?\n/exit\n")  # fmt: skip
         assert code in (0, None), err
         check_chat_transcript(model_dir, out, max_new_tokens=8)
 
@@ -275,3 +375,89 @@ def check_chat_transcript(model_dir, out: str, max_new_tokens: int) -> None:
     # the prompt "\n> " goes to stdout before each line read; each reply ends with a newline
     pieces = out[out.index(HELP) :].split("\n> ")
     assert [p.strip() for p in pieces] == [HELP, first, second, "(conversation reset)", fresh, ""]
+
+
+# -- chat at a real terminal (a pseudo-terminal driven by pexpect) ----------------------------------
+
+UP = "\x1b[A"
+
+
+def spawn_chat(model_dir, cache, *flags):
+    """`selfalign chat` at a pseudo-terminal, its history under `cache`, waiting at the prompt;
+    and the banner it showed."""
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), TERM="dumb", INPUTRC="/dev/null")
+    args = ["-m", "selfalign", "chat", str(model_dir), "--device", "cpu", "--dtype", "float32",
+            "--temperature", "0", *flags]  # fmt: skip
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120)
+    child.expect_exact(HELP)
+    banner = child.before.replace("\r\n", "\n")
+    child.expect_exact("\r\n> ")
+    return child, banner
+
+
+def ask(child, line: str) -> str:
+    """Send `line`; return what came back before the next prompt."""
+    child.sendline(line)
+    child.expect_exact("\r\n\r\n> ")
+    return child.before
+
+
+def exit_status(child) -> int | None:
+    import pexpect
+
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+@pytest.mark.slow
+def test_chat_at_a_terminal(chat_model_dir, tmp_path):
+    child, banner = spawn_chat(chat_model_dir, tmp_path, "--max-tokens", "1000")
+    assert f"model: {chat_model_dir} (cpu, float32)\n" in banner
+    assert "sampling: greedy (temperature 0), max tokens 1000\n" in banner
+
+    child.sendline("Hello there")  # a greedy 1,000-token answer: still streaming when Ctrl-C lands
+    child.expect_exact("Hello there\r\n")
+    child.expect(r"\S")
+    child.sendintr()
+    child.expect_exact("(answer stopped)\r\n\r\n> ")
+
+    assert ask(child, "/help").replace("\r\n", "\n").strip() == "/help\n" + COMMANDS
+    assert ask(child, "/bogus").split("\r\n")[1:] == [
+        "unknown command /bogus; /help lists the commands"
+    ]
+    ask(child, "/system Be brief.")
+    assert "unknown command /bogus" in ask(child, UP + UP)  # readline recalls the line before
+
+    answer = ask(child, "What next?").split("\r\n", 1)[1]  # answered, to the end, after the Ctrl-C
+    assert answer.strip() and "(answer stopped)" not in answer
+    assert "(saved 2 turns to" in ask(child, f"/save {tmp_path / 'talk.json'}")
+    child.sendline("/exit")
+    assert exit_status(child) == 0
+    talk = json.loads((tmp_path / "talk.json").read_text())
+    assert [m["content"] for m in talk["messages"][:2]] == ["Be brief.", "What next?"]
+    history = (tmp_path / "selfalign" / "chat_history").read_text().splitlines()
+    assert history[:3] == ["Hello there", "/help", "/bogus"] and history[-1] == "/exit"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("leave", ["\x03\x03", "\x04"], ids=["ctrl-c-twice", "ctrl-d"])
+def test_chat_history_is_kept_and_ctrl_c_twice_or_ctrl_d_leaves(chat_model_dir, tmp_path, leave):
+    (tmp_path / "selfalign").mkdir()
+    (tmp_path / "selfalign" / "chat_history").write_text("/from-last-time\n")
+    child, _ = spawn_chat(chat_model_dir, tmp_path)
+    assert "unknown command /from-last-time" in ask(child, UP)
+    ask(child, "/new-this-time")
+    if leave == "\x03\x03":
+        child.sendintr()
+        child.expect_exact(EXIT_HINT)
+        child.expect_exact("\r\n> ")
+        child.sendintr()
+    else:
+        child.sendcontrol("d")
+    assert exit_status(child) == 0
+    assert (tmp_path / "selfalign" / "chat_history").read_text().splitlines() == [
+        "/from-last-time",
+        "/new-this-time",
+    ]  # the recalled line is not stored twice

@@ -1,7 +1,11 @@
 """Talking to a trained model: `selfalign chat MODEL` and `selfalign answer MODEL`.
 
-`chat` is an interactive, multi-turn conversation that streams the answer as it is generated;
-`/reset` starts over, `/exit` (or end of input) leaves. `answer` answers every question of a JSONL
+`chat` is an interactive, multi-turn conversation that streams the answer as it is generated,
+like `ollama run`: Ctrl-C stops an answer and the conversation goes on; slash commands (/help,
+/reset, /system, /save FILE writes the conversation as JSON, /exit) are handled here and never
+reach the model. At a terminal, lines are edited with readline and kept in
+$XDG_CACHE_HOME/selfalign/chat_history (~/.cache/... by default), read at start, written at exit.
+`answer` answers every question of a JSONL
 file in batches, with resume (`selfalign.generation.records.generate_records`): a rerun whose
 prompts (system prompt, chat template, questions) or sampling differ from the records already in
 the output is refused.
@@ -13,8 +17,13 @@ directory or a LoRA adapter directory (loaded onto its base), or any model with 
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +32,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfalign.errors import UserError
 from selfalign.generation import Backend, SamplingParams
 from selfalign.generation.records import check_records, generate_records
-from selfalign.jsonl import read_jsonl, write_jsonl_atomic
+from selfalign.jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
 from selfalign.text.conversation import TURN_STOPS, render_prompt, user_text
 
-HELP = "Type a message. /reset forgets the conversation, /exit leaves."
+PROMPT = "> "
+HELP = "Type a message; /help lists the commands. Ctrl-C stops an answer, Ctrl-D leaves."
+COMMANDS = """\
+/help          this list
+/reset         forget the conversation (the system prompt stays)
+/system TEXT   set the system prompt and start over (/system alone shows it)
+/save FILE     write the conversation and its system prompt to FILE as JSON
+/exit, /quit   leave (so do Ctrl-D, and Ctrl-C twice at the prompt)
+Ctrl-C while an answer streams stops it; the conversation goes on."""
+EXIT_HINT = "(Ctrl-C again, Ctrl-D or /exit leaves)"
 
 
 class ChatSettings(BaseModel):
@@ -44,12 +62,25 @@ class ChatSettings(BaseModel):
 # -- chat ----------------------------------------------------------------------------------------
 
 
+class StopFlag:
+    """A `generate` stopping criterion that another thread sets (Ctrl-C stops the answer)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
+
+
 def stream_reply(
     model, tokenizer, messages: list[dict[str, str]], settings: ChatSettings, write
-) -> str:
-    """Generate the next assistant turn, writing text pieces as they come; return the reply."""
+) -> tuple[str, bool]:
+    """Generate the next assistant turn, writing text pieces as they come; return the reply (what
+    was shown) and whether Ctrl-C stopped it."""
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -62,12 +93,14 @@ def stream_reply(
     )
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
+    stop = StopFlag()
     kwargs = dict(
         **ids,
         **sampling,
         max_new_tokens=settings.max_new_tokens,
         streamer=streamer,
         stop_strings=list(TURN_STOPS),
+        stopping_criteria=StoppingCriteriaList([stop]),
         tokenizer=tokenizer,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -82,17 +115,34 @@ def stream_reply(
             streamer.end()
 
     worker = threading.Thread(target=generate, daemon=True)
+    pieces: list[str] = []
+    stopped = False
     worker.start()
-    pieces = []
-    for text in visible_text(streamer):
-        write(text)
-        pieces.append(text)
-    # no draining: the streamer's queue is unbounded and generation ends at the marker by itself
-    # (iterating an exhausted streamer again would wait forever for another end signal)
-    worker.join()
-    if failure:
+    try:
+        for text in visible_text(streamer):
+            pieces.append(text)  # first: a Ctrl-C while writing it still keeps what was shown
+            write(text)
+    except KeyboardInterrupt:  # Python delivers Ctrl-C to this thread, never to the worker
+        stopped = True
+    finally:
+        # Ending here while generate still runs would leave a daemon thread inside torch's C++
+        # code, which aborts the process at exit ("terminate called without an active
+        # exception"): stop it at the next token and wait for it. No draining: the streamer's
+        # queue is unbounded, and iterating it past its end would wait forever.
+        stop.event.set()
+        join_through_interrupts(worker)
+    if failure and not stopped:
         raise failure[0]
-    return "".join(pieces).strip()
+    return "".join(pieces).strip(), stopped
+
+
+def join_through_interrupts(worker: threading.Thread) -> None:
+    """Wait for `worker` even if Ctrl-C is pressed again meanwhile."""
+    while worker.is_alive():
+        try:
+            worker.join()
+        except KeyboardInterrupt:
+            continue
 
 
 def visible_text(pieces: Iterable[str], stops: Sequence[str] = TURN_STOPS) -> Iterator[str]:
@@ -126,6 +176,70 @@ def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> list[
         turns = turns[2:]  # one user + assistant exchange
 
 
+@dataclass
+class Session:
+    """One conversation: its settings (the system prompt may change) and its turns so far."""
+
+    settings: ChatSettings
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        system = self.settings.system
+        self.messages = [{"role": "system", "content": system}] if system else []
+
+
+def run_command(session: Session, text: str, write: Callable[[str], None]) -> bool:
+    """Carry out a slash command (never sent to the model); return True to leave."""
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return True
+    if name == "/help":
+        write(COMMANDS + "\n")
+    elif name == "/reset":
+        session.reset()
+        write("(conversation reset)\n")
+    elif name == "/system" and arg:
+        session.settings = session.settings.model_copy(update={"system": arg})
+        session.reset()
+        write("(system prompt set; conversation reset)\n")
+    elif name == "/system":
+        write(f"system prompt: {session.settings.system or '(the model default)'}\n")
+    elif name == "/save":
+        write(save_conversation(session, arg) + "\n")
+    else:
+        write(f"unknown command {name}; /help lists the commands\n")
+    return False
+
+
+def save_conversation(session: Session, path: str) -> str:
+    """Write the conversation as JSON; return the line to show (a failure does not end the chat)."""
+    if not path:
+        return "usage: /save FILE"
+    turns = [m for m in session.messages if m["role"] != "system"]
+    record = {"system": session.settings.system, "messages": session.messages,
+              "settings": session.settings.model_dump()}  # fmt: skip
+    try:
+        write_text_atomic(Path(path).expanduser(), json.dumps(record, indent=2, ensure_ascii=False))
+    except OSError as e:
+        return f"could not save to {path}: {e.strerror or e}"
+    return f"(saved {len(turns)} turns to {path})"
+
+
+def answer_turn(model, tokenizer, session: Session, text: str, budget: int, write) -> None:
+    """Answer one user message, streamed. Ctrl-C keeps what was shown as the assistant's turn
+    (the next question then sees what the user saw); a stop before any text forgets the question."""
+    candidate = fit_history(
+        tokenizer, [*session.messages, {"role": "user", "content": text}], budget
+    )
+    if len(candidate) < len(session.messages) + 1:
+        write("(older turns dropped to fit the context)\n")
+    reply, stopped = stream_reply(model, tokenizer, candidate, session.settings, write)
+    write("\n(answer stopped)\n" if stopped else "\n")
+    if reply or not stopped:
+        session.messages = [*candidate, {"role": "assistant", "content": reply}]
+
+
 def chat_loop(
     model,
     tokenizer,
@@ -133,43 +247,92 @@ def chat_loop(
     read: Callable[[str], str] = input,
     write: Callable[[str], None] | None = None,
 ) -> list[dict[str, str]]:
-    """Run the conversation until /exit or end of input; return the last conversation."""
+    """Run the conversation until /exit, end of input or Ctrl-C twice at the prompt; return the
+    last conversation."""
     from selfalign.modeling import context_length
 
-    if write is None:
-
-        def write(text: str) -> None:
-            print(text, end="", flush=True)
-
+    write = write or _print
     if not tokenizer.chat_template:
         raise UserError(
             "this model has no chat template; chat with a model made by `selfalign engrave`"
         )
     budget = context_length(model) - settings.max_new_tokens
-    start = [{"role": "system", "content": settings.system}] if settings.system else []
-    messages = list(start)
+    session = Session(settings)
+    session.reset()
     write(HELP + "\n")
+    interrupted = False  # the last thing at the prompt was Ctrl-C
     while True:
         try:
-            line = read("\n> ")
+            write("\n")
+            text = read(PROMPT).strip()
         except EOFError:
             write("\n")
-            return messages
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            return messages
-        if text == "/reset":
-            messages = list(start)
-            write("(conversation reset)\n")
+            return session.messages
+        except KeyboardInterrupt:
+            if interrupted:
+                write("\n")
+                return session.messages
+            interrupted = True
+            write(f"\n{EXIT_HINT}\n")
             continue
-        if not text:
-            continue
-        candidate = fit_history(tokenizer, [*messages, {"role": "user", "content": text}], budget)
-        if len(candidate) < len(messages) + 1:
-            write("(older turns dropped to fit the context)\n")
-        reply = stream_reply(model, tokenizer, candidate, settings, write)
-        write("\n")
-        messages = [*candidate, {"role": "assistant", "content": reply}]
+        interrupted = False
+        if text.startswith("/"):
+            if run_command(session, text, write):
+                return session.messages
+        elif text:
+            try:
+                answer_turn(model, tokenizer, session, text, budget, write)
+            except KeyboardInterrupt:  # before streaming began: nothing shown, nothing kept
+                write("\n(answer stopped)\n")
+
+
+def _print(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def history_path() -> Path:
+    """Where typed lines are kept between sessions: $XDG_CACHE_HOME/selfalign/chat_history."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "selfalign" / "chat_history"
+
+
+@contextmanager
+def line_editing(path: Path | None = None) -> Iterator[None]:
+    """Arrow keys, line editing and a history kept across sessions (stdlib readline), when a
+    person types at a terminal; piped input is read as is."""
+    try:
+        if not sys.stdin.isatty():
+            raise ImportError
+        import readline  # importing it is what makes input() edit lines
+    except ImportError:
+        yield
+        return
+    path = path or history_path()
+    readline.set_history_length(1000)
+    with suppress(OSError):
+        readline.read_history_file(path)
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+
+def banner(model_path: str, model, settings: ChatSettings) -> str:
+    """What the user is talking to and how it samples, before the first prompt."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    sampling = (
+        f"temperature {settings.temperature}, top_p {settings.top_p}"
+        if settings.temperature > 0
+        else "greedy (temperature 0)"
+    )
+    seed = "" if settings.seed is None else f", seed {settings.seed}"
+    return (
+        f"model: {model_path} ({model.device}, {dtype})\n"
+        f"sampling: {sampling}, max tokens {settings.max_new_tokens}{seed}\n"
+        f"system prompt: {settings.system or '(the model default)'}\n"
+    )
 
 
 def run_chat(
@@ -183,7 +346,9 @@ def run_chat(
     from selfalign.modeling import load_model
 
     model, tokenizer, _ = load_model(model_path, device, dtype)
-    return chat_loop(model, tokenizer, settings, read, write)
+    (write or _print)(banner(model_path, model, settings))
+    with line_editing():
+        return chat_loop(model, tokenizer, settings, read, write)
 
 
 # -- answer --------------------------------------------------------------------------------------
