@@ -64,7 +64,7 @@ def test_version_and_help():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["chat", "some/model", "--max-tokens", "40"], "No such option"),
+        (["chat", "some/model", "--top-k", "40"], "No such option"),
         (["generate", "--batch-size", "many"], "Invalid value"),
         (["no-such-command"], "No such command"),
     ],

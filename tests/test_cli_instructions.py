@@ -39,25 +39,25 @@ def test_every_subcommand_writes_its_files_and_counts(tiny_model_dir, tmp_path):
     from test_instructions import check_merge_files, check_step_files
 
     out, model = tmp_path / "out", tiny_model_dir
-    si = selfalign("self-instruct", "--model", model, "--out-dir", out, "--num-instructions", 2,
+    si = selfalign("self-instruct", "--model", model, "--output", out, "--num-instructions", 2,
                    "--prompts-per-round", 4, "--max-rounds", 1, *SMALL)  # fmt: skip
     instructions = check_step_files(_summary(si), out, "self_instruct")
     assert _summary(si)["prompts"] == 4
     assert (f"warning: kept {len(instructions)} of 2" in si.stderr) == (len(instructions) < 2)
 
-    topics = selfalign("topics", "--model", model, "--out-dir", out, "--epochs", 1,
+    topics = selfalign("topics", "--model", model, "--output", out, "--epochs", 1,
                        "--max-prompts-per-type", 1, *SMALL)  # fmt: skip
     kept_topics = check_step_files(_summary(topics), out, "topics")
     assert _summary(topics)["prompts"] == 20 and len(kept_topics) >= 20  # a seed topic per type
     assert _summary(topics)["seed_topics"] == sum(t["source"] == "seed" for t in kept_topics)
 
-    questions = selfalign("questions", "--model", model, "--out-dir", out,
+    questions = selfalign("questions", "--model", model, "--output", out,
                           "--max-topics-per-type", 1, "--shard", "0/1", *SMALL)  # fmt: skip
     check_step_files(_summary(questions), out, "tgrt_questions")
     raw = read_jsonl(out / "tgrt_questions.raw.jsonl")
     assert _summary(questions)["hints"] == sum(len(r["hints"]) for r in raw) == 20
 
-    merged = _summary(selfalign("merge-instructions", "--out-dir", out, "--threshold", "0.7"))
+    merged = _summary(selfalign("merge-instructions", "--output", out, "--threshold", "0.7"))
     assert merged["step"] == "merge"
     check_merge_files(merged, out)
 
@@ -68,7 +68,7 @@ def test_sigkill_midway_then_rerun_gives_each_record_once(tiny_model_dir, tiny_b
             "--prompts-per-round", "12", "--max-rounds", "1", "--batch-size", "1",
             "--num-prompt-instructions", "2", "--max-tokens", "16", "--device", "cpu"]  # fmt: skip
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "selfalign", *args, "--out-dir", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "selfalign", *args, "--output", str(out)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     raw = out / "self_instruct.raw.jsonl"
     deadline = time.time() + 240
@@ -80,7 +80,7 @@ def test_sigkill_midway_then_rerun_gives_each_record_once(tiny_model_dir, tiny_b
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 2 <= len(read_jsonl(raw)) < 12 and not (out / "self_instruct.jsonl").exists()
-    selfalign(*args, "--out-dir", out)
+    selfalign(*args, "--output", out)
     ids = [r["id"] for r in read_jsonl(raw)]
     assert len(ids) == len(set(ids)) == 12
     # the same step in-process, uninterrupted, batched differently: the same records
@@ -115,12 +115,12 @@ def test_bad_input_is_a_one_line_error_before_the_model_loads(tmp_path, args, ex
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[0] != "merge-instructions":  # a model that does not exist: inputs fail first
         args += ["--model", str(tmp_path / "no-model")]
-    proc = selfalign(*args, "--out-dir", tmp_path / "out", check=False)
+    proc = selfalign(*args, "--output", tmp_path / "out", check=False)
     assert proc.returncode == 2, proc.stderr
     assert expect in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_missing_model_is_named(tmp_path):
-    proc = selfalign("topics", "--out-dir", tmp_path, check=False)
+    proc = selfalign("topics", "--output", tmp_path, check=False)
     assert proc.returncode == 2 and "no model given: pass --model" in proc.stderr

@@ -5,7 +5,10 @@ comes from the fields' descriptions with the defaults of the command's own secti
 from __future__ import annotations
 
 import inspect
+import os
+import re
 import types
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pytest
@@ -16,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfalign.cli import app, options
 from selfalign.cli.options import config_flags, field_at, field_flags, keys
 
-# The flags each command had before they were generated (users' scripts call them).
+# The flags each command had before they were generated (users' scripts call them; a renamed one
+# still works as a hidden alias, `options.RENAMED`).
 FLAGS_BEFORE = {
     "generate": "batch-size config device dtype input logit-bias max-tokens model ngram-penalty output seed set stop temperature top-p truncate-prompt",
     "self-instruct": "batch-size config device dtype max-rounds max-tokens meta-prompt model num-instructions num-prompt-instructions out-dir prompts-per-round seed seed-tasks set shard temperature threshold top-p",
@@ -48,10 +52,15 @@ def config_commands() -> dict[str, tuple[type[BaseModel], Any]]:
     return found
 
 
+def _flags(command) -> set[str]:
+    return {o for p in command.params for o in [*p.opts, *p.secondary_opts]}
+
+
 def test_every_flag_users_had_still_exists():
     for name, command in click_commands().items():
-        have = {o for p in command.params for o in [*p.opts, *p.secondary_opts]}
-        missing = {f"--{f}" for f in FLAGS_BEFORE[name].split()} - have
+        have = _flags(command)
+        old = {f"--{f}" for f in FLAGS_BEFORE[name].split()}
+        missing = {f for f in old - have if options.RENAMED.get(f) not in have}
         assert not missing, f"{name} lost {sorted(missing)}"
 
 
@@ -119,7 +128,8 @@ def _value_at(cfg: BaseModel, key: str) -> Any:
 
 # a flag names its field, except these; and a stage-1/2 command sets only its own section
 RENAMED = {"--threshold": "similarity_threshold", "--ngram-penalty": "ngram_penalties",
-           "--base": "model", ("answer", "--max-tokens"): "max_new_tokens"}  # fmt: skip
+           "--base": "model", ("answer", "--max-tokens"): "max_new_tokens",
+           ("chat", "--max-tokens"): "max_new_tokens", ("engrave", "--dtype"): "precision"}  # fmt: skip
 SECTIONS = {"self-instruct": "self_instruct", "topics": "topics", "questions": "questions",
             "merge-instructions": "merge", "self-align": "self_align"}  # fmt: skip
 
@@ -284,3 +294,201 @@ def test_field_at_walks_section_defaults():
     field, default = field_at(Stage1File, "questions.sampling.max_tokens")
     assert default == 384 and field.description
     assert field_at(Stage1File, "model.batch_size")[1] == 8  # model: None -> BackendConfig's
+
+
+# -- one vocabulary across commands (issue 18, finding 5) ----------------------------------------
+
+
+def all_commands() -> dict[str, Any]:
+    """'engrave', 'constitution check', ... -> click command, every command and group."""
+    found = {}
+
+    def walk(group, prefix: str) -> None:
+        for name, command in group.commands.items():
+            found[f"{prefix}{name}"] = command
+            if hasattr(command, "commands"):
+                walk(command, f"{prefix}{name} ")
+
+    root = typer.main.get_command(app)
+    found[""] = root
+    walk(root, "")
+    return found
+
+
+def test_every_command_uses_the_shared_command_classes():
+    """A command registered without cls=Command would show <str> metavars and lose the aliases."""
+    for name, command in all_commands().items():
+        kind = options.Group if hasattr(command, "commands") else options.Command
+        assert isinstance(command, kind), f"selfalign {name}: register it with cls={kind.__name__}"
+
+
+def test_output_is_the_one_spelling_of_what_a_command_writes():
+    old = set(options.RENAMED)
+    for name, command in all_commands().items():
+        assert not old & _flags(command), f"{name} shows an old spelling"
+    for name in ("generate", "self-instruct", "topics", "questions", "merge-instructions",
+                 "self-align", "engrave", "verbose-clone", "answer", "export", "eval"):  # fmt: skip
+        assert "--output" in _flags(all_commands()[name]), name
+
+
+def test_set_dtype_device_and_max_tokens_where_they_belong():
+    commands = all_commands()
+    for name, command in commands.items():
+        if "--config" in _flags(command):
+            assert "--set" in _flags(command), name
+    assert "--set" in _flags(commands["run"]) and "--set" in _flags(commands["config show"])
+    for name in ("generate", "self-instruct", "self-align", "engrave", "verbose-clone", "chat",
+                 "answer", "eval"):  # fmt: skip
+        assert {"--dtype", "--device"} <= _flags(commands[name]), name
+    for name in ("generate", "self-instruct", "self-align", "verbose-clone", "chat", "answer"):
+        assert "--max-tokens" in _flags(commands[name]), name
+
+
+def test_old_spellings_are_rewritten_once_with_a_note():
+    notes = []
+    args = ["--out-dir", "o", "--max-new-tokens=5", "--out-dir", "p", "--", "--out"]
+    have = {"--output", "--max-tokens"}
+    assert options.renamed_args(args, have, notes.append) == [
+        "--output", "o", "--max-tokens=5", "--output", "p", "--", "--out"]  # fmt: skip
+    assert notes == ["note: --out-dir is now --output (the old spelling still works)",
+                     "note: --max-new-tokens is now --max-tokens (the old spelling still works)"]  # fmt: skip
+    # a command that still has the old flag keeps it
+    assert options.renamed_args(["--out", "x"], {"--out", "--output"}, notes.append)[0] == "--out"
+
+
+def test_an_old_spelling_still_works_on_the_real_command(monkeypatch, capsys, tmp_path):
+    code, out = run_cli(monkeypatch, capsys, "export", str(tmp_path / "none"), "--out",
+                        str(tmp_path / "x"))  # fmt: skip
+    assert code == 2 and "no such run directory" in out, out  # parsed: --out reached --output
+    assert "note: --out is now --output" in out
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out = run_cli(monkeypatch, capsys, "export", "--help")
+    assert "--output" in out and "--out " not in out  # hidden
+
+
+TYPE_METAVAR = re.compile(r"<(?:str|int|float|bool|path|list\[\w+\])>")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in all_commands() if n))
+def test_help_shows_plain_metavars(name, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out = run_cli(monkeypatch, capsys, *name.split(), "--help")
+    assert code == 0, out
+    assert not TYPE_METAVAR.search(out), out
+    (usage,) = [line for line in out.splitlines() if "Usage:" in line]
+    assert "{" not in usage, usage
+    (flag,) = [line for line in out.splitlines() if "--help" in line]
+    assert re.search(r"--help\s+Show this", flag), flag  # a flag takes no value
+
+
+def test_model_and_numbers_read_as_what_they_are(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out = run_cli(monkeypatch, capsys, "verbose-clone", "--help")
+    lines = {word: line for line in out.splitlines() for word in line.split()[1:3]
+             if word.startswith("--")}  # fmt: skip
+    assert " MODEL " in lines["--model"] and " MODEL " in lines["--base"]
+    assert " N " in lines["--max-tokens"] and " FLOAT " in lines["--temperature"]
+    assert " PATH " in lines["--output"] and " PATH " in lines["--identity-conversations"]
+    assert "[default: 512]" in lines["--max-tokens"]
+    code, out = run_cli(monkeypatch, capsys, "chat", "--help")
+    assert re.search(r"Usage: .*chat \[OPTIONS\] MODEL\s*$", out, re.M), out
+
+
+def test_engrave_takes_dtype_and_cuda_n_like_the_generating_commands(monkeypatch):
+    assert [options.precision_of(d) for d in ("bfloat16", "float16", "float32", "auto", "bf16")] == [
+        "bf16", "fp16", "fp32", "auto", "bf16"]  # fmt: skip
+    with pytest.raises(options.UserError, match="--dtype 'half': choose auto, bfloat16"):
+        options.precision_of("half")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert options.train_device("cuda:1") == "cuda"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"  # GPU 1 of the ones this process sees
+    with pytest.raises(options.UserError, match="shows 1 GPUs"):
+        options.train_device("cuda:1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert options.train_device("cuda:2") == "cuda" and os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+    assert options.train_device("cpu") == "cpu"
+    with pytest.raises(options.UserError, match="choose auto, cpu, cuda or cuda:N"):
+        options.train_device("tpu:0")
+
+
+# -- unknown keys: where they came from, and what was meant ---------------------------------------
+
+
+def test_an_unknown_set_key_is_blamed_on_the_command_line_with_a_suggestion(
+    monkeypatch, capsys, tmp_path
+):
+    path = tmp_path / "s.yaml"
+    path.write_text("self_align:\n  max_instructionz: 3\n")
+    code, out = run_cli(monkeypatch, capsys, "self-align", "--instructions", "i.jsonl",
+                        "--output", str(tmp_path / "o"), "--config", str(path),
+                        "--set", "self_align.tempreature=1")  # fmt: skip
+    assert code == 2
+    assert (
+        "command line (override self_align.tempreature=1): unknown key "
+        "'self_align.tempreature' (did you mean 'self_align.sampling.temperature'?)"
+    ) in out
+    assert (
+        f"{path}: unknown key 'self_align.max_instructionz' (did you mean 'max_instructions'?)"
+    ) in out
+
+
+DEMO = str(Path(__file__).parents[1] / "src" / "selfalign" / "configs" / "demo.yaml")
+
+
+def test_run_takes_set_like_the_other_commands(monkeypatch, capsys):
+    code, out = run_cli(monkeypatch, capsys, "run", DEMO, "seed=1",
+                        "--set", "engrave.epoch=2")  # fmt: skip
+    assert code == 2
+    assert "command line (override engrave.epoch=2): unknown key 'engrave.epoch' " in out
+    assert "did you mean 'epochs'?" in out
+
+
+def test_constitution_errors_are_one_per_line_with_list_paths(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("principles:\n  - {id: 1, name: a}\n  - {idd: 2, name: b, text: c}\n")
+    code, out = run_cli(monkeypatch, capsys, "constitution", "check", str(path))
+    assert code == 2 and ";" not in out
+    lines = out.removeprefix("error: ").splitlines()
+    assert all(line.startswith(f"{path}: ") for line in lines), lines
+    assert f"{path}: missing required key 'principles[0].text'" in lines
+    assert f"{path}: unknown key 'principles[1].idd' (did you mean 'id'?)" in lines
+
+
+# -- `selfalign config show` and docs/CONFIG.md ---------------------------------------------------
+
+
+def test_config_show_prints_every_key_with_value_default_and_description(monkeypatch, capsys):
+    from selfalign.config import dotted_fields
+    from selfalign.run.settings import PipelineConfig
+
+    code, out = run_cli(monkeypatch, capsys, "config", "show", DEMO,
+                        "--set", "engrave.epochs=3")  # fmt: skip
+    assert code == 0, out
+    lines = out.splitlines()
+    assert "engrave.epochs = 3.0  (default: 1.0)" in lines
+    at = lines.index("engrave.epochs = 3.0  (default: 1.0)")
+    assert lines[at + 1] == "    Passes over the data."
+    assert "self_align.sampling.top_p = 0.95  (default)" in lines  # the section's own default
+    shown = [line.split(" = ")[0] for line in lines if not line.startswith(" ")]
+    assert shown == [key for key, _, _ in dotted_fields(PipelineConfig)]
+    code, out = run_cli(monkeypatch, capsys, "config", "show", "--defaults")
+    assert code == 0 and "engrave.epochs = 1.0" in out.splitlines()
+    code, out = run_cli(monkeypatch, capsys, "config", "show")
+    assert code == 2 and "or --defaults" in out
+
+
+def test_the_checked_in_config_reference_is_current():
+    from selfalign.cli.config_doc import REGENERATE, reference
+
+    page = Path(__file__).parents[1] / "docs" / "CONFIG.md"
+    assert page.read_text(encoding="utf-8") == reference(), f"stale: run {REGENERATE}"
+
+
+def test_the_reference_follows_a_changed_description(monkeypatch):
+    from selfalign.cli.config_doc import reference
+    from selfalign.generation import SamplingParams
+
+    before = reference()
+    monkeypatch.setattr(SamplingParams.model_fields["top_p"], "description", "Changed words.")
+    after = reference()
+    assert after != before and "| `self_align.sampling.top_p` | `0.95` | Changed words. |" in after

@@ -105,9 +105,10 @@ def test_a_real_command_config_keeps_its_stage_defaults():
     "yaml_text, overrides, flags, expected",
     [
         ("name: x\nsampling:\n  temprature: 0.5\n", [], {},
-         "c.yaml: unknown key 'sampling.temprature' (check its spelling)"),
+         "c.yaml: unknown key 'sampling.temprature' (did you mean 'temperature'?)"),
         ("name: x\n", ["sampling.temprature=0.5"], {},
-         "override: unknown key 'sampling.temprature'"),
+         "command line (override sampling.temprature=0.5): unknown key 'sampling.temprature' "
+         "(did you mean 'temperature'?)"),
         ("name: x\n", [], {"sampling.temperature": -1},
          "command line: sampling.temperature: Input should be greater than or equal to 0"),
         ("name: x\nsampling: {temperature: hot}\n", [], {},
@@ -136,7 +137,7 @@ def test_several_mistakes_from_several_sources_are_one_line(tmp_path):
     assert "\n" not in message
     for part in (
         "c.yaml: unknown key 'sampling.top_q'",
-        "override: seed: Input should be a valid integer",
+        "command line (override seed=many): seed: Input should be a valid integer",
         "command line: sampling.max_tokens: Input should be a valid integer",
     ):
         assert part in message

@@ -144,7 +144,7 @@ def test_raw_prompt_without_a_user_turn_at_the_end_is_refused(tmp_path):
 def test_missing_principle_text_names_the_principle(tmp_path):
     data = small()
     del data["principles"][1]["text"]
-    with pytest.raises(UserError, match=r"principles\.1\.text"):
+    with pytest.raises(UserError, match=r"principles\[1\]\.text"):
         load_constitution(write(tmp_path, data))
 
 
@@ -176,7 +176,7 @@ def test_unknown_keys_and_half_turns_are_refused(tmp_path):
         load_constitution(write(tmp_path, small(principals=[])))
     data = small()
     del data["exemplars"][0]["turns"][0]["answer"]
-    with pytest.raises(UserError, match=r"exemplars\.0\.turns\.0"):
+    with pytest.raises(UserError, match=r"exemplars\[0\]\.turns\[0\]"):
         load_constitution(write(tmp_path, data))
 
 
@@ -232,7 +232,7 @@ def test_check_command_accepts_a_good_file(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (lambda d: d["principles"][0].pop("text"), "principles.0.text"),
+        (lambda d: d["principles"][0].pop("text"), "principles[0].text"),
         (lambda d: d["principles"][1].update(id=1), "duplicate principle id 1"),
         (lambda d: d["exemplars"][0]["turns"][0].update(principles=[7]), "cites principle 7"),
     ],

@@ -85,7 +85,7 @@ def test_every_output_is_written(engraved):
     assert stats["steps"] == 30 and stats["examples"] == stats["trained"] == 8
     assert stats["gradient_accumulation"] == 2 and stats["effective_batch_size"] == 8
     card = (out / "README.md").read_text()
-    for needle in ("base_model:", "Quokka", "the Lab", "Constitution: default", "| trained | 8 |",
+    for needle in ("fine-tuned from `", "Quokka", "the Lab", "Constitution: default", "| trained | 8 |",
                    "lora_r: 16", "learning_rate:", "selfalign engrave --config"):  # fmt: skip
         assert needle in card, needle
 
@@ -249,7 +249,7 @@ def test_sft_file_with_missing_field(tiny_model_dir, tmp_path, monkeypatch, caps
     del rows[1]["output"]
     write_jsonl_atomic(tmp_path / "sft.jsonl", rows)
     code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir),
-                    "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
+                    "--data", str(tmp_path / "sft.jsonl"), "--output", str(tmp_path / "m"))  # fmt: skip
     assert code == 2
     assert err.strip().count("\n") == 0
     assert "sft.jsonl: record 2 (id 'r1'): missing field 'output'" in err
@@ -258,7 +258,7 @@ def test_sft_file_with_missing_field(tiny_model_dir, tmp_path, monkeypatch, caps
 def test_empty_sft_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "sft.jsonl").write_text("")
     code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir),
-                    "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
+                    "--data", str(tmp_path / "sft.jsonl"), "--output", str(tmp_path / "m"))  # fmt: skip
     assert code == 2 and err.strip().count("\n") == 0
     assert "sft.jsonl: no records to train on (the file is empty)" in err
 
@@ -266,7 +266,7 @@ def test_empty_sft_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
 def test_cutoff_shorter_than_system_prompt(tiny_model_dir, tmp_path, monkeypatch, capsys):
     write_jsonl_atomic(tmp_path / "sft.jsonl", sft_rows(2))
     code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir), "--max-length", "12",
-                    "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
+                    "--data", str(tmp_path / "sft.jsonl"), "--output", str(tmp_path / "m"))  # fmt: skip
     assert code == 2 and err.strip().count("\n") == 0
     assert "max_length 12 is shorter than the system prompt" in err
 
@@ -278,7 +278,7 @@ def test_qlora_without_cuda(tiny_model_dir, tmp_path, monkeypatch, capsys):
         pytest.skip("this machine has CUDA")
     write_jsonl_atomic(tmp_path / "sft.jsonl", sft_rows(2))
     code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir), "--method", "qlora",
-                    "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
+                    "--data", str(tmp_path / "sft.jsonl"), "--output", str(tmp_path / "m"))  # fmt: skip
     assert code == 2 and err.strip().count("\n") == 0
     assert "method qlora needs a CUDA GPU" in err
 

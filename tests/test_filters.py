@@ -429,7 +429,7 @@ def stage4_through_the_command(tmp_path, tiny_model_dir, monkeypatch, capsys):
     write_aligned(tmp_path / "aligned.jsonl")
     code, text = run_cli(
         monkeypatch, capsys, "verbose-clone", "--model", str(engraved), "--data",
-        str(tmp_path / "aligned.jsonl"), "--out", str(out), "--generate-only", "--device", "cpu",
+        str(tmp_path / "aligned.jsonl"), "--output", str(out), "--generate-only", "--device", "cpu",
     )  # fmt: skip
     assert code == 0, text
     return read_jsonl(out / "verbose.jsonl"), read_jsonl(out / "rejected.jsonl")

@@ -156,12 +156,12 @@ def test_a_killed_stage_reads_interrupted_and_a_live_one_running(
 
 
 BUSY = [
-    ("merge-instructions", "--out-dir", ""),
-    ("self-instruct", "--out-dir", ""),
-    ("self-instruct", "--out-dir", "1/2"),
-    ("self-align", "--out-dir", ""),
-    ("engrave", "--out", ""),
-    ("verbose-clone", "--out", ""),
+    ("merge-instructions", "--output", ""),
+    ("self-instruct", "--output", ""),
+    ("self-instruct", "--output", "1/2"),
+    ("self-align", "--output", ""),
+    ("engrave", "--output", ""),
+    ("verbose-clone", "--output", ""),
 ]
 
 
@@ -200,12 +200,12 @@ def test_shards_of_one_job_share_their_out_dir(tmp_path, monkeypatch, capsys):
         assert shard_0.stdout.readline() == "held\n"
         # shard 1 goes ahead (to the next thing it needs: a model)
         code, _, err = run_main(
-            monkeypatch, capsys, "self-instruct", "--out-dir", str(out), "--shard", "1/2"
+            monkeypatch, capsys, "self-instruct", "--output", str(out), "--shard", "1/2"
         )
         assert code == 2 and "in use" not in err and "model" in err
         # a second shard 0 is refused
         code, _, err = run_main(
-            monkeypatch, capsys, "self-instruct", "--out-dir", str(out), "--shard", "0/2"
+            monkeypatch, capsys, "self-instruct", "--output", str(out), "--shard", "0/2"
         )
         assert code == 2 and f"in use by PID {shard_0.pid} " in err
     finally:

@@ -60,7 +60,7 @@ def test_engrave_into_a_dir_with_damaged_stats_says_what_to_do(
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "train_stats.json").write_text("{torn")
     code, _, err = cli(monkeypatch, capsys, "engrave", "--model", str(tiny_model_dir),
-                       "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "m"))  # fmt: skip
+                       "--data", str(tmp_path / "sft.jsonl"), "--output", str(tmp_path / "m"))  # fmt: skip
     assert code == 2 and err.strip().count("\n") == 0
     assert f"{tmp_path / 'm' / 'train_stats.json'}: damaged" in err and "delete it" in err
 
@@ -70,7 +70,7 @@ def test_verbose_clone_of_a_model_with_damaged_stats(tmp_path, monkeypatch, caps
     (tmp_path / "engraved" / "train_stats.json").write_text('["not", "stats"]')
     write_jsonl_atomic(tmp_path / "aligned.jsonl", [{"id": "a", "instruction": "Q"}])
     code, _, err = cli(monkeypatch, capsys, "verbose-clone", "--model", str(tmp_path / "engraved"),
-                       "--data", str(tmp_path / "aligned.jsonl"), "--out", str(tmp_path / "v"))  # fmt: skip
+                       "--data", str(tmp_path / "aligned.jsonl"), "--output", str(tmp_path / "v"))  # fmt: skip
     assert code == 2 and err.strip().count("\n") == 0
     assert f"{tmp_path / 'engraved' / 'train_stats.json'}: damaged (not a JSON object)" in err
 

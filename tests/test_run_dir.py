@@ -198,7 +198,7 @@ def test_status_report_and_export_read_the_run(run_copy, monkeypatch, capsys, tm
 
     out_dir = tmp_path / "exported"
     code, out, _ = run_main(monkeypatch, capsys, "export", str(run), "--format", "sharegpt",
-                            "--out", str(out_dir))  # fmt: skip
+                            "--output", str(out_dir))  # fmt: skip
     assert code == 0
     for name, rel in (
         ("self_align", "2_self_align/sft.jsonl"),
@@ -252,7 +252,7 @@ def test_bad_force_and_non_run_directories_are_refused_without_writing(
     (elsewhere / "notes.txt").write_text("mine")
     for args in (
         ("report", str(elsewhere)),
-        ("export", str(elsewhere), "--out", str(tmp_path / "x")),
+        ("export", str(elsewhere), "--output", str(tmp_path / "x")),
     ):
         code, _, err = run_main(monkeypatch, capsys, *args)
         assert code == 2 and "not a selfalign run directory" in err, args

@@ -444,6 +444,7 @@ def test_run_end_to_end_with_a_scripted_model(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "2_self_align").mkdir(parents=True)
     (run_dir / "2_self_align" / "sft.jsonl").write_text((out / "sft.jsonl").read_text())
+    (run_dir / "config.yaml").write_text("model: {model: base}\n")  # the system prompts' source
     assert export_run(run_dir, "alpaca", tmp_path / "export")["self_align"] == len(sft)
 
     # a rerun generates nothing and writes the same files
@@ -583,21 +584,21 @@ def test_cli_finalize_and_errors(tmp_path, monkeypatch, capsys):
     inp = write_instructions(tmp_path / "instructions.jsonl")
     out = tmp_path / "out"
     status, text = run_cli(monkeypatch, capsys, "self-align", "--instructions", str(inp),
-                           "--out-dir", str(out))  # fmt: skip
+                           "--output", str(out))  # fmt: skip
     assert status == 2 and "error: no model given" in text
     run_self_align(SelfAlignConfig(), ScriptedBackend(respond), inp, out)
     status, text = run_cli(monkeypatch, capsys, "self-align", "--instructions", str(inp),
-                           "--out-dir", str(out), "--finalize", "--truncated", "cut",
+                           "--output", str(out), "--finalize", "--truncated", "cut",
                            "--name", "Kestrel")  # fmt: skip
     assert status == 0, text
     assert "kept 10/18 answers" in text and "33 identity rows" in text
     aligned = read_jsonl(out / "aligned.jsonl")
     assert "Kestrel" in json.dumps(aligned) and "Dromedary" not in json.dumps(aligned)
     status, text = run_cli(monkeypatch, capsys, "self-align", "--instructions", str(inp),
-                           "--out-dir", str(out), "--finalize", "--truncated", "maybe")  # fmt: skip
+                           "--output", str(out), "--finalize", "--truncated", "maybe")  # fmt: skip
     assert status == 2 and "truncated" in text
     status, text = run_cli(monkeypatch, capsys, "self-align", "--instructions",
-                           str(tmp_path / "none.jsonl"), "--out-dir", str(out), "--model", "x")  # fmt: skip
+                           str(tmp_path / "none.jsonl"), "--output", str(out), "--model", "x")  # fmt: skip
     assert status == 2 and "none.jsonl: file not found" in text
 
 
@@ -703,7 +704,7 @@ def test_cli_kill_9_and_rerun_leaves_no_duplicates(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SELFALIGN_PROGRESS": "0"}
     cmd = [sys.executable, "-m", "selfalign", "self-align", "--model", str(tiny_model_dir),
-           "--instructions", str(inp), "--out-dir", str(out), "--constitution", str(constitution),
+           "--instructions", str(inp), "--output", str(out), "--constitution", str(constitution),
            "--max-tokens", "32", "--batch-size", "2", "--device", "cpu", "--dtype", "float32"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     raw = out / "self_align.raw.jsonl"

@@ -22,12 +22,21 @@ from typing import Annotated, Any
 import typer
 
 from selfalign import __version__
-from selfalign.cli.options import MODEL_FLAGS, NO_MODEL, config_flags, keys, sampling_flags
+from selfalign.cli.options import (
+    MODEL_FLAGS,
+    NO_MODEL,
+    Command,
+    Group,
+    config_flags,
+    keys,
+    sampling_flags,
+)
 from selfalign.errors import UserError
 from selfalign.generation.generate_file import GenerateConfig
 
 app = typer.Typer(
     name="selfalign",
+    cls=Group,
     help="SELF-ALIGN: turn a base language model into an aligned assistant (arXiv 2305.03047).",
     no_args_is_help=True,
     add_completion=False,
@@ -61,7 +70,7 @@ def _require_model(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-@app.command()
+@app.command(cls=Command)
 @config_flags(
     GenerateConfig,
     {
@@ -74,8 +83,12 @@ def _require_model(data: dict[str, Any]) -> dict[str, Any]:
     prepare=_require_model,
 )
 def generate(
-    input: Annotated[Path, typer.Option(help="JSONL with {'id', 'prompt', ...} per line.")],
-    output: Annotated[Path, typer.Option(help="JSONL to append completions to (resumes).")],
+    input: Annotated[
+        Path, typer.Option(metavar="PATH", help="JSONL with {'id', 'prompt', ...} per line.")
+    ],
+    output: Annotated[
+        Path, typer.Option(metavar="PATH", help="JSONL to append completions to (resumes).")
+    ],
     cfg: GenerateConfig,
 ) -> None:
     """Complete every prompt of a JSONL file; rerun to resume."""
@@ -86,9 +99,9 @@ def generate(
 
 
 def _register_stage_commands() -> None:
-    from selfalign.cli import configs, evaluate, instructions, pipeline, self_align, training
+    from selfalign.cli import configs, evaluate, hub, instructions, pipeline, self_align, training
 
-    for module in (instructions, self_align, training, pipeline, evaluate, configs):
+    for module in (instructions, self_align, training, pipeline, evaluate, configs, hub):
         module.register(app)
 
 

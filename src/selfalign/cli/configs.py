@@ -4,6 +4,11 @@
 first comment line); `selfalign configs copy NAME DEST` writes one where the user can edit it
 (DEST: a file, or a folder to put NAME.yaml in), never over an existing file unless --force.
 Like torchtune's `tune ls` / `tune cp`, so a pip install has them too.
+
+`selfalign config show [CONFIG] [--defaults]` prints every key of a pipeline config (or of the
+defaults) with its value, default and description; `selfalign config doc` prints the Markdown
+reference docs/CONFIG.md (see `selfalign.cli.config_doc`). `configs` is about the shipped
+files, `config` about the keys inside one.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from typing import Annotated
 
 import typer
 
+from selfalign.cli.options import Command, Group, SetOpt
 from selfalign.errors import UserError
 
 configs_app = typer.Typer(
+    cls=Group,
     help="List the example configs shipped with selfalign, or copy one to edit.",
     invoke_without_command=True,
 )
@@ -52,7 +59,7 @@ def configs(ctx: typer.Context) -> None:
         typer.echo(f"{name:<{width}}  {summary(text)}")
 
 
-@configs_app.command("copy")
+@configs_app.command("copy", cls=Command)
 def copy(
     name: Annotated[
         str, typer.Argument(help="A bundled config, e.g. demo (see `selfalign configs`).")
@@ -74,5 +81,45 @@ def copy(
     typer.echo(str(target))
 
 
+config_app = typer.Typer(
+    cls=Group,
+    help="Every key of a pipeline config: its value, default and description.",
+    no_args_is_help=True,
+)
+
+
+@config_app.command("show", cls=Command)
+def show(
+    config: Annotated[
+        Path | None, typer.Argument(help="Pipeline YAML whose values to show (after --set).")
+    ] = None,
+    defaults: Annotated[
+        bool, typer.Option("--defaults", help="Show the defaults (no CONFIG needed).")
+    ] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Print every key, dotted as --set takes it, with its value, default and description."""
+    from selfalign.cli.config_doc import show_lines
+    from selfalign.config import build_config
+    from selfalign.run.settings import PipelineConfig, shared_defaults
+
+    if defaults == (config is not None):
+        raise UserError("give a pipeline CONFIG to show, or --defaults (not both)")
+    cfg = None
+    if config is not None:  # read and validated, not pre-flighted: the model need not exist here
+        cfg = build_config(PipelineConfig, config, set_ or (), prepare=shared_defaults)
+    for line in show_lines(PipelineConfig, cfg):
+        typer.echo(line)
+
+
+@config_app.command("doc", cls=Command)
+def doc() -> None:
+    """Print the config reference in Markdown (docs/CONFIG.md is this output)."""
+    from selfalign.cli.config_doc import reference
+
+    typer.echo(reference(), nl=False)
+
+
 def register(app) -> None:
     app.add_typer(configs_app, name="configs")
+    app.add_typer(config_app, name="config")

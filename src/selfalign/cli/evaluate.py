@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from selfalign.cli.options import Command
 from selfalign.errors import UserError
 
 
@@ -168,4 +169,4 @@ def _judge_all(files: dict[str, str], url: str, model: str, key_env: str, output
 
 
 def register(app) -> None:
-    app.command("eval")(evaluate)
+    app.command("eval", cls=Command)(evaluate)

@@ -19,7 +19,8 @@ from pydantic import ConfigDict, Field
 
 from selfalign.cli.options import (
     MODEL_FLAGS,
-    OutDirOpt,
+    Command,
+    OutputOpt,
     ShardOpt,
     config_flags,
     keys,
@@ -77,7 +78,7 @@ def _summary(counts: dict[str, Any], out_dir: Path) -> None:
     config_help=CONFIG_HELP,
 )  # fmt: skip
 def self_instruct(
-    out_dir: OutDirOpt,
+    out_dir: OutputOpt,
     cfg: Stage1File,
     shard: ShardOpt = None,
     rounds: Annotated[
@@ -111,7 +112,7 @@ def self_instruct(
                 "prompt"),
     config_help=CONFIG_HELP,
 )  # fmt: skip
-def topics(out_dir: OutDirOpt, cfg: Stage1File) -> None:
+def topics(out_dir: OutputOpt, cfg: Stage1File) -> None:
     """Brainstorm topics for each red-teaming question type; rerun to resume."""
     from selfalign.stages.stage1_instructions import run_topics, topics_inputs
 
@@ -126,7 +127,7 @@ def topics(out_dir: OutDirOpt, cfg: Stage1File) -> None:
                 "max_topics_per_type", "max_topic_epoch", "seed_questions", "prompt"),
     config_help=CONFIG_HELP,
 )  # fmt: skip
-def questions(out_dir: OutDirOpt, cfg: Stage1File, shard: ShardOpt = None) -> None:
+def questions(out_dir: OutputOpt, cfg: Stage1File, shard: ShardOpt = None) -> None:
     """Generate topic-guided red-teaming questions; rerun to resume."""
     from selfalign.stages.stage1_instructions import parse_shard, questions_inputs, run_questions
 
@@ -139,7 +140,7 @@ def questions(out_dir: OutDirOpt, cfg: Stage1File, shard: ShardOpt = None) -> No
 @config_flags(
     Stage1File, keys("merge", "seed", similarity_threshold="--threshold"), config_help=CONFIG_HELP
 )
-def merge_instructions(out_dir: OutDirOpt, cfg: Stage1File) -> None:
+def merge_instructions(out_dir: OutputOpt, cfg: Stage1File) -> None:
     """Merge self-instruct and TGRT outputs (all shards) into instructions.jsonl. With a model:
     section, also stage.json, so `selfalign run` can adopt stage 1 as done."""
     from selfalign.run.manifest import clear_stage_record, stage_settings, write_stage_record
@@ -156,7 +157,7 @@ def merge_instructions(out_dir: OutDirOpt, cfg: Stage1File) -> None:
 
 
 def register(app) -> None:
-    app.command("self-instruct")(self_instruct)
-    app.command("topics")(topics)
-    app.command("questions")(questions)
-    app.command("merge-instructions")(merge_instructions)
+    app.command("self-instruct", cls=Command)(self_instruct)
+    app.command("topics", cls=Command)(topics)
+    app.command("questions", cls=Command)(questions)
+    app.command("merge-instructions", cls=Command)(merge_instructions)

@@ -9,13 +9,19 @@ A command names the dotted config keys it exposes and the flag of each:
 Each option's type comes from the field's annotation and its help from the field's
 `Field(description=...)` plus the default the command would use, so a setting is described once,
 where it is declared. The command receives `cfg`, built by `selfalign.config.build_config`:
-the --config YAML, then --set overrides, then the flags given. Reads and writes nothing.
+the --config YAML, then --set overrides, then the flags given.
+
+One vocabulary across commands: every command is a `Command` (every group a `Group`), which
+shows plain metavars (MODEL, PATH, N, TEXT, FLOAT; none on a flag) and accepts the spellings of
+`RENAMED` as hidden aliases of the current ones, with a one-line note on stderr.
+Reads and writes nothing.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from selfalign.config import build_config
 from selfalign.errors import UserError
@@ -55,8 +62,15 @@ SetOpt = Annotated[
         "Flags win over --set, --set over --config.",
     ),
 ]
-OutDirOpt = Annotated[Path, typer.Option("--out-dir", help="Folder for this stage's files.")]
+OutputOpt = Annotated[
+    Path, typer.Option("--output", metavar="PATH", help="Folder for this stage's files (resumes).")
+]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="I/N: run slice I (0-based) of N.")]
+
+
+# the chat settings `chat` and `answer` share (chat.ChatSettings)
+CHAT_FLAGS = keys("", "system", "temperature", "seed", top_p="--top-p",
+                  max_new_tokens="--max-tokens")  # fmt: skip
 
 
 def sampling_flags(section: str) -> dict[str, str]:
@@ -166,22 +180,46 @@ def _show(value: Any) -> str | None:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+@dataclass(frozen=True)
+class Custom:
+    """A flag whose command-line form differs from its field's: typer parses a `kind`, `parse`
+    turns that into the field's value (or raises a UserError naming the flag)."""
+
+    flag: str
+    kind: Any
+    parse: Callable[[Any], Any]
+    metavar: str
+    help: str | None = None  # instead of the field's description
+
+
+# metavars of str fields by name: what the value is, not its Python type
+METAVARS = {"model": "MODEL", "tokenizer": "MODEL", "seed_tasks": "PATH", "meta_prompt": "PATH",
+            "seed_questions": "PATH", "prompt": "PATH", "topics": "PATH", "constitution": "PATH",
+            "identity_conversations": "PATH", "device": "DEVICE"}  # fmt: skip
+
+
 def make_flags(
-    model: type[BaseModel], names: Mapping[str, str], into: str, show_defaults: bool = True
+    model: type[BaseModel], names: Mapping[str, str | Custom], into: str, show_defaults: bool = True
 ) -> list[Flag]:
-    """One `Flag` per `dotted key -> --flag` of `names`, for the command parameter `into`; its
-    help is the field's description (and the default a config of `model` gets, if
+    """One `Flag` per `dotted key -> --flag` (or `Custom`) of `names`, for the command parameter
+    `into`; its help is the field's description (and the default a config of `model` gets, if
     `show_defaults`)."""
     out = []
-    for key, flag in names.items():
+    for key, spec in names.items():
         field, default = field_at(model, key)
         if not field.description:
-            raise TypeError(f"{model.__name__}.{key} needs a Field(description=...) for {flag}")
-        kind, parse, extra = _option_type(field.annotation, flag)
+            raise TypeError(f"{model.__name__}.{key} needs a Field(description=...) for {spec}")
+        if isinstance(spec, Custom):
+            flag, kind, parse, extra = spec.flag, spec.kind, spec.parse, {"metavar": spec.metavar}
+        else:
+            flag, (kind, parse, extra) = spec, _option_type(field.annotation, spec)
+            if kind is str and "metavar" not in extra:
+                extra["metavar"] = METAVARS.get(key.split(".")[-1], "TEXT")
         decls = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
         shown = _show(default) if show_defaults else None
+        text = (spec.help if isinstance(spec, Custom) else None) or field.description
         # rich would take "[...]" in a description for markup
-        help = escape(field.description + (f" [default: {shown}]" if shown else ""))
+        help = escape(text + (f" [default: {shown}]" if shown else ""))
         option = typer.Option(*decls, help=help, show_default=False, **extra)
         param = f"{into}__{key.replace('.', '__')}"  # cfg__self_instruct__seed: no clash
         out.append(Flag(key, param, Annotated[kind | None, option], parse))
@@ -222,7 +260,7 @@ def _parameter(name: str, annotation: Any) -> inspect.Parameter:
 
 def config_flags(
     model: type[BaseModel],
-    names: Mapping[str, str],
+    names: Mapping[str, str | Custom],
     *,
     config_help: str | None = None,
     prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -252,3 +290,136 @@ def field_flags(
     flags = make_flags(model, names, into, show_defaults)
     params = [_parameter(f.param, f.annotation) for f in flags]
     return lambda fn: _with_params(fn, into, params, functools.partial(_given, flags))
+
+
+# -- training placement in the generating commands' words ---------------------------------------
+
+_PRECISIONS = {"auto": "auto", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def precision_of(dtype: str) -> str:
+    """--dtype for training (TrainConfig.precision): the generating commands' words (bfloat16),
+    or the precision's own (bf16, as --precision took)."""
+    if dtype in _PRECISIONS.values():
+        return dtype
+    if dtype not in _PRECISIONS:
+        raise UserError(f"--dtype {dtype!r}: choose {', '.join(_PRECISIONS)}")
+    return _PRECISIONS[dtype]
+
+
+def train_device(device: str) -> str:
+    """--device for training (TrainConfig.device): auto, cpu, cuda, or cuda:N, which trains on
+    GPU N alone by narrowing CUDA_VISIBLE_DEVICES for this process and the ones it launches
+    (before torch first looks at CUDA), as the generating commands' cuda:N picks one GPU."""
+    import os
+
+    kind, _, index = device.partition(":")
+    if device in ("auto", "cpu", "cuda"):
+        return device
+    if kind != "cuda" or not index.isdigit():
+        raise UserError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else None
+    if gpus is not None and int(index) >= len(gpus):
+        raise UserError(f"--device {device}: CUDA_VISIBLE_DEVICES={visible} shows {len(gpus)} GPUs")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[int(index)] if gpus else index
+    return "cuda"
+
+
+# engrave's --device and --dtype, spelled as the generating commands spell them
+TRAIN_PLACEMENT = {
+    "device": Custom("--device", str, train_device, "DEVICE",
+                     "auto (CUDA if present, else CPU), cpu, cuda, or cuda:N (GPU N alone)."),
+    "precision": Custom("--dtype", str, precision_of, "auto|bfloat16|float16|float32",
+                        "auto: bfloat16 (or float16) on CUDA, float32 on CPU."),
+}  # fmt: skip
+
+
+# -- one vocabulary: metavars and renamed flags ------------------------------------------------
+
+# old spelling -> current one; a command that has the current flag accepts the old one too
+RENAMED = {
+    "--out-dir": "--output",
+    "--out": "--output",
+    "--max-new-tokens": "--max-tokens",
+    "--precision": "--dtype",
+    "--identity-data": "--identity-conversations",
+}
+# how typer names a type -> the metavar users see
+_TYPE_METAVARS = {"str": "TEXT", "int": "N", "float": "FLOAT", "path": "PATH", "file": "PATH",
+                  "directory": "PATH"}  # fmt: skip
+
+
+def metavar(param: Any) -> str:
+    """The plain metavar of a typer parameter: none for a flag, MODEL for an argument named
+    model, `a|b` for choices, N / FLOAT / TEXT / PATH by type."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return ""
+    if isinstance(param, TyperArgument):
+        return param.name.upper()
+    shown = param.display_type(None).strip("<>")
+    if shown.startswith("list[") and shown.endswith("]"):  # repeatable: its item's metavar
+        shown = shown[5:-1]
+    return _TYPE_METAVARS.get(shown, shown)
+
+
+def renamed_args(args: list[str], have: set[str], warn: Callable[[str], None]) -> list[str]:
+    """`args` with each old spelling of `RENAMED` (`--out DIR`, `--out=DIR`) replaced by the
+    current flag, where the command has that flag and not the old one; `warn` hears each once."""
+    out, told = [], set()
+    for i, arg in enumerate(args):
+        if arg == "--":  # what follows is positional, whatever it looks like
+            return out + args[i:]
+        old, sep, value = arg.partition("=")
+        new = RENAMED.get(old)
+        if new in have and old not in have:
+            if old not in told:
+                warn(f"note: {old} is now {new} (the old spelling still works)")
+                told.add(old)
+            arg = new + sep + value
+        out.append(arg)
+    return out
+
+
+class _Plain:
+    """Help with plain metavars: MODEL not {model}, N not <int>, nothing after a flag."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None:
+                param.metavar = metavar(param)
+            if isinstance(param, TyperArgument):
+                # the metavar names an argument (MODEL); typer would add its type (<str>)
+                param.display_type_rich = _no_type
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        # typer writes a required argument {NAME}; click's convention is NAME ([NAME] optional)
+        pieces = super().collect_usage_pieces(ctx)
+        return [re.sub(r"^\{(.*)\}((?:\.\.\.)?)$", r"\1\2", piece) for piece in pieces]
+
+
+class Command(_Plain, TyperCommand):
+    """Every selfalign command: plain help, and the old spellings of `RENAMED` accepted."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        have = {o for p in self.params for o in (*p.opts, *p.secondary_opts)}
+        return super().parse_args(ctx, renamed_args(args, have, _warn))
+
+
+class Group(_Plain, TyperGroup):
+    """The `selfalign` group and its sub-groups (`constitution`, `configs`, `config`)."""
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def _warn(text: str) -> None:
+    typer.echo(text, err=True)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from selfalign.cli.options import Command, SetOpt
 from selfalign.errors import UserError
 
 
@@ -15,8 +16,10 @@ def run(
         Path, typer.Argument(help="Pipeline YAML (`selfalign configs` lists the examples).")
     ],
     overrides: Annotated[
-        list[str] | None, typer.Argument(help="dotted.key=value settings over the YAML.")
+        list[str] | None,
+        typer.Argument(metavar="KEY=VALUE...", help="dotted.key=value settings over the YAML."),
     ] = None,
+    set_: SetOpt = None,
     run_dir: Annotated[
         Path | None, typer.Option("--run-dir", help="Run directory (default: run_dir in YAML).")
     ] = None,
@@ -25,7 +28,9 @@ def run(
     ] = None,
     force: Annotated[
         list[str] | None,
-        typer.Option("--force", help="Redo STAGE (and the stages after it) from scratch."),
+        typer.Option(
+            "--force", metavar="STAGE", help="Redo STAGE (and the stages after it) from scratch."
+        ),
     ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars; one line per stage.")
@@ -54,14 +59,15 @@ def run(
     from selfalign.run.pipeline import Events, run_pipeline
     from selfalign.run.settings import check_force, load_pipeline_config, parse_stages
 
+    overrides = [*(overrides or []), *(set_ or [])]  # --set as other commands take it
     if print_slurm is not None:
-        _print_slurm(config, overrides or [], run_dir, print_slurm, shards)
+        _print_slurm(config, overrides, run_dir, print_slurm, shards)
         return
     if quiet or log_json:
         os.environ["SELFALIGN_PROGRESS"] = "0"
     selected = parse_stages(stages)
     check_force(set(force or []), selected)  # before the run directory is made
-    cfg = load_pipeline_config(config, overrides or [], run_dir)
+    cfg = load_pipeline_config(config, overrides, run_dir)
     command = "selfalign " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     manifest = run_pipeline(cfg, selected, force or [], Events(log_json, quiet), command)
     if not (quiet or log_json):
@@ -145,9 +151,9 @@ def report(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     format: Annotated[
-        str, typer.Option("--format", help="alpaca, sharegpt, messages or hf-dataset.")
+        str, typer.Option("--format", help="alpaca, sharegpt, messages, llama-factory, hf-dataset.")
     ] = "messages",
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = ...,
+    out: Annotated[Path, typer.Option("--output", metavar="PATH", help="Output folder.")] = ...,
 ) -> None:
     """Export the stage-2 and stage-4 datasets."""
     from selfalign.run.export import export_run
@@ -171,8 +177,8 @@ def build_demo_model(
 
 
 def register(app) -> None:
-    app.command()(run)
-    app.command("build-demo-model")(build_demo_model)
-    app.command()(status)
-    app.command()(report)
-    app.command()(export)
+    app.command(cls=Command)(run)
+    app.command("build-demo-model", cls=Command)(build_demo_model)
+    app.command(cls=Command)(status)
+    app.command(cls=Command)(report)
+    app.command(cls=Command)(export)

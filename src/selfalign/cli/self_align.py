@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfalign.cli.options import (
     IDENTITY_FLAGS,
     MODEL_FLAGS,
-    OutDirOpt,
+    Command,
+    Group,
+    OutputOpt,
     ShardOpt,
     config_flags,
     field_flags,
@@ -32,6 +34,7 @@ from selfalign.stages.stage2_self_align import SelfAlignConfig
 from selfalign.text.constitution import Identity
 
 constitution_app = typer.Typer(
+    cls=Group,
     help="Render or validate a constitution (YAML, bundled name, or raw prompt text).",
     no_args_is_help=True,
 )
@@ -64,7 +67,7 @@ def self_align(
     instructions: Annotated[
         Path, typer.Option("--instructions", help="Stage-1 instructions JSONL (id, instruction).")
     ],
-    out_dir: OutDirOpt,
+    out_dir: OutputOpt,
     cfg: SelfAlignFile,
     identity: dict[str, str],
     shard: ShardOpt = None,
@@ -72,7 +75,7 @@ def self_align(
         bool,
         typer.Option(
             "--finalize",
-            help="No generation: parse the completions already in OUT_DIR (all shards) and "
+            help="No generation: parse the completions already in --output (all shards) and "
             "write the outputs (e.g. after changing filter settings).",
         ),
     ] = False,
@@ -133,7 +136,7 @@ def summary(stats: dict[str, Any], out_dir: Path) -> str:
     )
 
 
-@constitution_app.command("show")
+@constitution_app.command("show", cls=Command)
 def constitution_show(
     file: Annotated[str, typer.Argument(help="Constitution YAML, raw .txt, or bundled name.")],
     instruction: Annotated[
@@ -151,7 +154,7 @@ def constitution_show(
     typer.echo(dump_constitution(c) if as_yaml else render_prompt(c, instruction, input))
 
 
-@constitution_app.command("check")
+@constitution_app.command("check", cls=Command)
 def constitution_check(
     file: Annotated[str, typer.Argument(help="Constitution YAML, raw .txt, or bundled name.")],
     tokenizer: Annotated[
@@ -194,5 +197,5 @@ def constitution_check(
 
 
 def register(app) -> None:
-    app.command("self-align")(self_align)
+    app.command("self-align", cls=Command)(self_align)
     app.add_typer(constitution_app, name="constitution")

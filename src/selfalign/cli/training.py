@@ -15,8 +15,11 @@ from pydantic import ConfigDict, Field
 
 from selfalign.chat import ChatSettings
 from selfalign.cli.options import (
+    CHAT_FLAGS,
     IDENTITY_FLAGS,
     MODEL_FLAGS,
+    TRAIN_PLACEMENT,
+    Command,
     config_flags,
     field_flags,
     keys,
@@ -34,7 +37,9 @@ from selfalign.training.sft import main_process
 
 log = logging.getLogger(__name__)
 
-ModelArg = Annotated[str, typer.Argument(help="Model directory (merged or adapter) or hub id.")]
+ModelArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="Model directory (merged or adapter) or hub id.")
+]
 
 
 class VerboseCloneFile(VerboseConfig):
@@ -93,15 +98,19 @@ ConstitutionOpt = Annotated[
 
 @config_flags(
     TrainConfig,
-    keys("", "model", "method", "max_length", "epochs", "max_steps", "learning_rate",
-         "effective_batch_size", "micro_batch_size", "seed", "device", "precision", "processes",
-         "distributed"),
+    {**keys("", "model", "method", "max_length", "epochs", "max_steps", "learning_rate",
+            "effective_batch_size", "micro_batch_size", "seed", "processes", "distributed"),
+     **TRAIN_PLACEMENT},
     config_help="YAML with TrainConfig keys (as engrave: in a pipeline config).",
 )  # fmt: skip
 @field_flags(Identity, IDENTITY_FLAGS, into="identity", show_defaults=False)
 def engrave(
-    data: Annotated[Path, typer.Option("--data", help="SFT JSONL (stage 2's sft.jsonl).")],
-    out: Annotated[Path, typer.Option("--out", help="Model directory to write (resumes).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="SFT JSONL/JSON (Alpaca, ShareGPT) or datasets dir.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--output", metavar="PATH", help="Model directory to write (resumes).")
+    ],
     cfg: TrainConfig,
     identity: dict[str, str],
     constitution: ConstitutionOpt = None,
@@ -147,12 +156,18 @@ def _train_where_generating(data: dict[str, Any]) -> dict[str, Any]:
 @field_flags(Identity, IDENTITY_FLAGS, into="identity", show_defaults=False)
 def verbose_clone(
     data: Annotated[Path, typer.Option("--data", help="Stage 2's aligned.jsonl.")],
-    out: Annotated[Path, typer.Option("--out", help="Stage directory to write (resumes).")],
+    out: Annotated[
+        Path, typer.Option("--output", metavar="PATH", help="Stage directory to write (resumes).")
+    ],
     cfg: VerboseCloneFile,
     identity: dict[str, str],
     identity_data: Annotated[
         Path | None,
-        typer.Option("--identity-data", help="identity.jsonl (default: next to --data)."),
+        typer.Option(
+            "--identity-conversations",
+            metavar="PATH",
+            help="Stage 2's identity conversations, identity.jsonl (default: next to --data).",
+        ),
     ] = None,
     constitution: ConstitutionOpt = None,
     generate_only: Annotated[
@@ -228,22 +243,17 @@ def _verbose_answers(
     )
 
 
-@config_flags(
-    ChatSettings, keys("", "system", "temperature", "max_new_tokens", "seed", top_p="--top-p")
-)
+@config_flags(ChatSettings, CHAT_FLAGS)
 @field_flags(BackendConfig, keys("", "device", "dtype"), into="placement")
 def chat(model: ModelArg, cfg: ChatSettings, placement: dict[str, str]) -> None:
-    """Talk to a model: multi-turn, streamed; /reset starts over, /exit leaves."""
+    """Talk to a model: multi-turn, streamed. Ctrl-C stops an answer; /help lists the commands."""
     from selfalign.chat import run_chat
 
     where = build_config(BackendConfig, flags={"model": model, **placement})
     run_chat(model, cfg, where.device, where.dtype)
 
 
-@config_flags(
-    ChatSettings,
-    keys("", "system", "temperature", "seed", top_p="--top-p", max_new_tokens="--max-tokens"),
-)
+@config_flags(ChatSettings, CHAT_FLAGS)
 @field_flags(BackendConfig, keys("", "batch_size", "device", "dtype"), into="placement")
 def answer(
     model: ModelArg,
@@ -275,7 +285,7 @@ def answer(
 
 
 def register(app) -> None:
-    app.command("engrave")(engrave)
-    app.command("verbose-clone")(verbose_clone)
-    app.command("chat")(chat)
-    app.command("answer")(answer)
+    app.command("engrave", cls=Command)(engrave)
+    app.command("verbose-clone", cls=Command)(verbose_clone)
+    app.command("chat", cls=Command)(chat)
+    app.command("answer", cls=Command)(answer)

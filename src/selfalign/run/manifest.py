@@ -4,14 +4,16 @@
     {"stages": {NAME (per stage of the registry, in order):
                  {"status": "pending|running|done|failed|interrupted|stale", "counts": {...},
                   "seconds": ..., "outputs": [...], "config_hash": ..., "settings": {...},
+                  "warnings": ["stage 1 kept 3 of 24 target instructions ...: raise ..."],
                   "error": ...}},
      "versions": {...}, "seed": ..., "config_hash": ...}
 
 A stage's `config_hash` covers its own settings and every upstream stage's, so changing stage 1
 invalidates everything after it. `stale`: done once, but an earlier stage was redone since.
-`interrupted`: stopped by Ctrl-C, or, decided when the manifest is read, left `running` by a
-process that no longer holds the run's lock (`selfalign.run.lock`: it was killed). Written
-atomically after every change.
+`warnings`: one line per way a done stage fell short of its target, each saying what to do
+(empty or absent when none; the report shows them). `interrupted`: stopped by Ctrl-C, or,
+decided when the manifest is read, left `running` by a process that no longer holds the run's
+lock (`selfalign.run.lock`: it was killed). Written atomically after every change.
 
 `STAGE/stage.json` (`write_stage_record`): what a stage command (`merge-instructions`, the
 `self-align` finalize; the Slurm scripts run them) writes beside a stage's outputs once they are
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +64,21 @@ class Manifest:
         entry = self.stage(name)
         entry.update(status="running", config_hash=stage_hash, started=time.time())
         entry.pop("error", None)
+        entry.pop("warnings", None)  # an earlier attempt's; `finish` writes this one's
         self.save()
 
-    def finish(self, name: str, counts: dict[str, Any], outputs: list[str], seconds: float) -> None:
+    def finish(
+        self,
+        name: str,
+        counts: dict[str, Any],
+        outputs: list[str],
+        seconds: float,
+        warnings: Sequence[str] = (),
+    ) -> None:
+        """Done; `warnings`: its shortfalls (`selfalign.run.shortfalls`), [] when none."""
         entry = self.stage(name)
-        entry.update(status="done", counts=counts, outputs=outputs, seconds=round(seconds, 2))
+        entry.update(status="done", counts=counts, outputs=outputs, seconds=round(seconds, 2),
+                     warnings=list(warnings))  # fmt: skip
         self.save()
 
     def fail(self, name: str, error: str, seconds: float, status: str = "failed") -> None:

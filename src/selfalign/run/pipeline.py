@@ -1,7 +1,7 @@
 """`selfalign run`: one config takes a base model through the stages into a run directory.
 
     RUN/config.yaml        the resolved config actually used
-    RUN/manifest.json      status, counts, seconds, outputs and config hash per stage
+    RUN/manifest.json      status, counts, seconds, outputs, config hash and warnings per stage
     RUN/1_instructions/    stage 1 (selfalign.stages.stage1_instructions)
     RUN/2_self_align/      stage 2 (selfalign.stages.stage2_self_align)
     RUN/3_engrave/model/   stage 3 (selfalign.stages.stage3_engrave)
@@ -19,7 +19,8 @@ selected. A stage never run here whose outputs the stage commands wrote (Slurm: 
 finalize steps leave STAGE/stage.json, `selfalign.run.manifest`) is adopted as done when a later
 stage needs it, if its settings are this config's and its files unchanged; otherwise refused.
 A redone stage's previous folder waits in RUN/.trash/ until the redo succeeds. One process works
-in a run directory at a time (`selfalign.run.lock`).
+in a run directory at a time (`selfalign.run.lock`). A stage that finishes short of its target
+(`selfalign.run.shortfalls`) says so after its summary line and in its manifest entry.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ from selfalign.run.settings import (
     changed_keys,
     changed_message,
     check_force,
+    check_packages,
     stage_configs,
     stage_hashes,
 )
+from selfalign.run.shortfalls import stage_warnings
 from selfalign.stages.stage2_self_align import stage_constitution
 from selfalign.training.model_dir import versions
 
@@ -190,6 +193,9 @@ class Pipeline:
         source = str((folder / STAGE_RECORD).relative_to(self.run))
         manifest.adopt(stage.name, self.hashes[stage.name], self.settings[stage.name], record,
                        source)  # fmt: skip
+        manifest.stage(stage.name)["warnings"] = stage_warnings(
+            stage.name, record.get("counts", {}), self.cfg
+        )
         files = ", ".join(record["outputs"])
         self.events("stage_adopted", f"[{stage.name}] adopted as done: made by the stage commands "
                     f"with this config's settings ({files}; {source})", stage=stage.name,
@@ -204,6 +210,7 @@ class Pipeline:
         with DirLock(self.run, reserve=True) as self._lock:
             manifest = Manifest.load(self.run, names())
             todo = self.plan(manifest, stages or names(), force)
+            check_packages(self.cfg, [item.stage.name for item in todo])
             # only a run that is going ahead records its settings (a refused one leaves them)
             write_text_atomic(self.run / "config.yaml", dump_config(self.cfg))
             manifest.data.update(
@@ -270,13 +277,18 @@ class Pipeline:
             self._record_failure(manifest, stage, e, time.perf_counter() - started)
             raise
         seconds = time.perf_counter() - started
-        manifest.finish(
-            stage.name, counts, [str(p.relative_to(self.run)) for p in outputs], seconds
-        )
+        warnings = stage_warnings(stage.name, counts, self.cfg)
+        outputs = [str(p.relative_to(self.run)) for p in outputs]
+        manifest.finish(stage.name, counts, outputs, seconds, warnings)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-        self.events("stage_done", f"[{stage.name}] done in {seconds:.0f}s: {summarize(counts)}",
-                    stage=stage.name, seconds=round(seconds, 2), counts=counts)  # fmt: skip
+        flag = f" [{len(warnings)} warning{'s' if len(warnings) > 1 else ''}]" if warnings else ""
+        self.events("stage_done", f"[{stage.name}] done in {seconds:.0f}s: {summarize(counts)}"
+                    f"{flag}", stage=stage.name, seconds=round(seconds, 2), counts=counts,
+                    warnings=warnings)  # fmt: skip
+        for warning in warnings:  # a stage short of its target goes on, but says so
+            self.events("stage_warning", f"[{stage.name}] WARNING: {warning}", stage=stage.name,
+                        warning=warning)  # fmt: skip
 
     def _set_aside(self, manifest: Manifest, stage: Stage) -> Path | None:
         """Move a redone stage's previous outputs to RUN/.trash/ (deleted once the redo succeeds,

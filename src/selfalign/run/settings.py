@@ -2,8 +2,9 @@
 
 `PipelineConfig` has one section per stage of the registry. `load_pipeline_config` builds it
 (YAML < `dotted.key=value` overrides < `--run-dir`) and runs the preflight: model, input files,
-the constitution's fit in the model's context, the backend's capabilities against what each
-stage asks, a writable run directory. `stage_configs`/`stage_hashes` give each stage the settings
+the backend's capabilities against what each stage asks, every generating stage's longest
+prompt plus its max_tokens within the model's context (`selfalign.stages.context_fit`), a
+writable run directory. `stage_configs`/`stage_hashes` give each stage the settings
 its outputs depend on (files they name included, by content) and a hash chained in pipeline
 order; `parse_stages` and `check_force` read `--stages` and `--force`.
 """
@@ -95,7 +96,8 @@ def load_pipeline_config(
 
 
 def preflight(cfg: PipelineConfig, source: str) -> None:
-    """Check what can be checked before any work: model, constitution, input files, run dir."""
+    """Check what can be checked before any work: model, constitution, input files, backend,
+    the prompts' fit in the context, run dir."""
     from selfalign.modeling import _check_exists
 
     if cfg.model.backend != "openai" or cfg.model.serve == "auto":  # loaded from here
@@ -116,8 +118,24 @@ def preflight(cfg: PipelineConfig, source: str) -> None:
             raise UserError(f"{source}: {key}: no such file {value!r}")
     _check_stage1_inputs(stage1)
     _check_backend(cfg)
-    _check_constitution_fits(cfg)
+    _check_prompts_fit(cfg)
     _check_writable(Path(cfg.run_dir))
+
+
+def check_packages(cfg: PipelineConfig, stages: Iterable[str]) -> None:
+    """The optional packages the stages about to run need (trackers, bitsandbytes,
+    lm-evaluation-harness), checked before the first of them starts rather than hours later."""
+    from selfalign.training.sft import check_packages as check_training
+
+    for name in stages:
+        if name == "engrave":
+            check_training(cfg.engrave, "engrave.")
+        elif name == "verbose":
+            check_training(cfg.verbose.train, "verbose.train.")
+        elif name == "evaluate" and cfg.evaluate.tasks:
+            from selfalign.evaluation.harness import require_lm_eval
+
+            require_lm_eval()
 
 
 def _check_vllm() -> None:
@@ -148,23 +166,31 @@ def _check_stage1_inputs(cfg) -> None:
     render_template(template, "", "", source=cfg.questions.prompt or "question prompt")
 
 
-def _check_constitution_fits(cfg: PipelineConfig) -> None:
-    """Stage 2's prompt fits the base model's context (counted with its tokenizer when the model
-    is a local directory), so a too-short context fails now rather than after stage 1."""
+def _check_prompts_fit(cfg: PipelineConfig) -> None:
+    """Every generating stage's longest prompt plus its max_tokens fits the base model's context
+    (counted with its tokenizer when the model is a local directory), so a too-short context
+    fails now rather than after the stages before it ran. Stage 2's instructions and stage 4's
+    questions are not known yet: room for one is kept (`selfalign.stages.context_fit`)."""
     from selfalign.modeling import configured_context, load_tokenizer
-    from selfalign.stages.stage2_self_align import context_shortfall
-    from selfalign.text.constitution import render_prefix
+    from selfalign.stages.context_fit import (
+        Limits,
+        check_self_align_fit,
+        check_stage1_fit,
+        check_verbose_fit,
+    )
 
     model = cfg.model.tokenizer or cfg.model.model
     context = cfg.model.context or configured_context(cfg.model.model)
     if context is None or not Path(model).expanduser().is_dir():
         return
-    tokenizer = load_tokenizer(model, cfg.model.trust_remote_code)
-    prefix = render_prefix(stage_constitution(cfg.self_align))
-    tokens = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-    problem = context_shortfall(tokens, context, cfg.self_align.sampling.max_tokens)
-    if problem:
-        raise UserError(f"stage 'self_align': {problem} (model {cfg.model.model})")
+    limits = Limits(load_tokenizer(model, cfg.model.trust_remote_code), context, cfg.model.model)
+    stage1 = cfg.instructions
+    for step in (stage1.self_instruct, stage1.topics, stage1.questions):
+        check_stage1_fit(step, limits)
+    constitution = stage_constitution(cfg.self_align)
+    check_self_align_fit(cfg.self_align, limits, constitution)
+    # the engraved model has the base model's context, and the chat template stage 3 installs
+    check_verbose_fit(cfg.verbose, limits, constitution.identity)
 
 
 def _check_backend(cfg: PipelineConfig) -> None:
@@ -211,15 +237,15 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
 
 
 def _hashed(cfg: PipelineConfig, name: str) -> dict[str, Any]:
-    """A stage's own settings, less how its training is spread over processes: a finished model
-    stays finished when only that changes (checkpoints check it for themselves)."""
-    from selfalign.training.sft import LAUNCH_KEYS
+    """A stage's own settings, less how its training is spread over processes and watched: a
+    finished model stays finished when only that changes (checkpoints check it for themselves)."""
+    from selfalign.training.sft import hashed_settings
 
-    section, launch = getattr(cfg, name), set(LAUNCH_KEYS)
+    section = getattr(cfg, name)
     if name == "engrave":
-        return section.model_dump(exclude=launch)
+        return hashed_settings(section)
     if name == "verbose":
-        return section.model_dump(exclude={"train": launch})
+        return {**section.model_dump(exclude={"train"}), "train": hashed_settings(section.train)}
     return section.model_dump()
 
 

@@ -93,9 +93,9 @@ def jobs(cfg, config: str | Path, folder: str | Path, overrides: Sequence[str] =
     run = Path(cfg.run_dir)
     stage1, stage2 = STAGE["instructions"].path(run), STAGE["self_align"].path(run)
     instructions = run / STAGE["self_align"].inputs[0]
-    s1 = f"--config {_q(Path(folder) / STAGE1_FILE)} --out-dir {_q(stage1)}"
+    s1 = f"--config {_q(Path(folder) / STAGE1_FILE)} --output {_q(stage1)}"
     s2 = (f"--config {_q(Path(folder) / SELF_ALIGN_FILE)} --instructions {_q(instructions)} "
-          f"--out-dir {_q(stage2)}")  # fmt: skip
+          f"--output {_q(stage2)}")  # fmt: skip
     train = " ".join(_q(a) for a in [config, *overrides, "--run-dir", run, "--stages", "3-"])
     return [
         Job("self_instruct", "1a_self_instruct.sbatch", "stage 1: self-instruct, one shard a task",

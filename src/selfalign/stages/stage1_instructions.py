@@ -345,6 +345,13 @@ def check_backend(
         require(backend, step.sampling, "stage 'instructions'", f"{key}.sampling", needs)
 
 
+def _check_fit(step: StepConfig, backend: Backend, topics: list[dict] | None = None) -> None:
+    """The step's longest prompt and its max_tokens fit the model's context, before any work."""
+    from selfalign.stages.context_fit import check_stage1_fit  # it imports this module
+
+    check_stage1_fit(step, backend, topics=topics)
+
+
 def _reject(step: str, reason: str, key: str, prompt_id: str, **fields: Any) -> dict:
     return {"id": key, "step": step, "reason": reason, "prompt_id": prompt_id, **fields}
 
@@ -547,6 +554,7 @@ def run_self_instruct(
     check_backend(cfg, backend)
     shard, out_dir = parse_shard(shard), Path(out_dir)
     seeds, meta = self_instruct_inputs(cfg)
+    _check_fit(cfg, backend)
     raw = out_dir / f"{SELF_INSTRUCT}{shard.tag}.raw.jsonl"
     generate = _round_generator(cfg, backend, seeds, meta, raw)
     if shard.count > 1:
@@ -755,6 +763,7 @@ def run_topics(
     if shard.index != 0:
         return {"step": TOPICS, "skipped": f"runs on shard 0 only (this is {shard.index})"}
     seeds, template = topics_inputs(cfg)
+    _check_fit(cfg, backend)
     params = _params(cfg.sampling, cfg.suppress_eos, backend)
     raw_path = out_dir / f"{TOPICS}.raw.jsonl"
 
@@ -1019,6 +1028,7 @@ def run_questions(
     check_backend(cfg, backend)
     shard, out_dir = parse_shard(shard), Path(out_dir)
     examples_pool, template, topics = questions_inputs(cfg, out_dir)
+    _check_fit(cfg, backend, topics)
     params = _params(cfg.sampling, cfg.suppress_eos, backend)
     raw_path = out_dir / f"{QUESTIONS}{shard.tag}.raw.jsonl"
     n_examples = min(cfg.num_examples, len(examples_pool))

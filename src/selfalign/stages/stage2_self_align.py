@@ -262,10 +262,22 @@ def check_backend(
     """Refuse, in one line and before any work, a backend that cannot run stage 2 as configured:
     the apology bias biases token ids found through the tokenizer, and the sampling must be
     within the backend's controls. `section` is the config key of this stage ("" in a stage-2
-    file); `backend` is a loaded backend or `capabilities(cfg.model)`."""
+    file); `backend` is a loaded backend or `capabilities(cfg.model)`.
+
+    Left truncation is refused too: every prompt starts with the constitution, so cutting a
+    prompt's start to make it fit cuts the principles, and the answer is no longer principle-
+    driven though it would be kept as if it were."""
+    sampling = ".".join(filter(None, [section, "sampling"]))
+    if cfg.sampling.truncate_prompt == "left":
+        raise UserError(
+            f"stage 'self_align': {sampling}.truncate_prompt: 'left' would cut the constitution's "
+            "principles off the front of every prompt too long for the context; set it to "
+            "'error' (a too-long prompt is then named before any work) and make the prompt fit: "
+            "a model with a longer context, a shorter constitution, fewer exemplars or a smaller "
+            f"{sampling}.max_tokens"
+        )
     key = ".".join(filter(None, [section, "apology_bias"]))
     apology = Need("the apology bias", f"{key}: 0", token_logit_bias=True)
-    sampling = ".".join(filter(None, [section, "sampling"]))
     needs = [apology] if cfg.apology_bias else []
     require(backend, cfg.sampling, "stage 'self_align'", sampling, needs)
 
@@ -672,8 +684,12 @@ def run_self_align(
 
     # in chunks: the backend tokenizes its whole job at once, and the prompts are long
     prefix, raw_path = render_prefix(c), _raw_path(out_dir, shard)
+    records = prompt_records(c, mine, prefix)
+    from selfalign.stages.context_fit import check_self_align_fit  # it imports this module
+
+    check_self_align_fit(cfg, backend, c, records)  # before any work, with the real instructions
     done = generate_records(
-        backend, prompt_records(c, mine, prefix), params, raw_path,
+        backend, records, params, raw_path,
         seed=cfg.seed, label="self-align", store_prompt=False, tally=tally,
         prefix=prefix, chunk_size=cfg.chunk_size,
     )  # fmt: skip

@@ -386,6 +386,10 @@ def run_verbose(
     questions = _questions(cfg, aligned_path, identity_path)
     tokenizer = tokenizer if tokenizer is not None else engraved_tokenizer(engraved)
     rows = add_prompts(questions, tokenizer, constitution.identity, cfg.verbose_prompt)
+    from selfalign.stages.context_fit import backend_limits, check_verbose_fit  # imports this
+
+    check_verbose_fit(cfg, backend_limits(backend, tokenizer), constitution.identity,
+                      [r["prompt"] for r in rows])  # fmt: skip
     filters = AnswerFilters(cfg, constitution)
     labels = verbose_labels(constitution.identity, cfg.verbose_prompt)
     generated = generate_records(

@@ -378,7 +378,9 @@ def load_constitution(path_or_name: str | Path) -> Constitution:
     if path.suffix.lower() in RAW_SUFFIXES:
         return parse_raw_prompt(path.read_text(encoding="utf-8"), str(path))
     data = read_yaml(path)
-    return check_constitution(validate(Constitution, data, str(path)), str(path))
+    # one problem per line: a hand-written constitution often has several
+    checked = validate(Constitution, data, str(path), sep="\n")
+    return check_constitution(checked, str(path))
 
 
 def dump_constitution(c: Constitution) -> str:

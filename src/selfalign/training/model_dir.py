@@ -5,7 +5,8 @@ Next to the model files of `selfalign.training.sft`, a model directory of stage 
     train_stats.json    counts, schedule and loss; base_model, identity, constitution,
                         data_description, fingerprint, versions. Written last: it marks "done".
     train_config.yaml   the TrainConfig that made it
-    README.md           the model card (also in adapter/, replacing PEFT's empty template)
+    README.md           the model card (also in adapter/, replacing PEFT's empty template);
+                        its `base_model` is the base's hub id, or absent for a local base
 
 Read by stage 3 (already done with the same fingerprint?) and by verbose cloning (the engraved
 model's base model, identity and constitution), for a model directory or its adapter/ subfolder.
@@ -156,6 +157,27 @@ def _reproduce_command(sft_path, out_dir: Path, stats: dict[str, Any]) -> str:
     return shlex.join(parts)
 
 
+def hub_id(base: str) -> str | None:
+    """The hub id (`org/name`) of a base model given as one, or loaded from the Hugging Face cache
+    (a path through `models--org--name/snapshots/REV`, itself or where a link leads); None for
+    any other local model, whose path a hub would reject as `base_model`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(base).expanduser()
+    resolved = path.resolve().parts if path.exists() else ()
+    for part in (*reversed(path.parts), *reversed(resolved)):
+        if part.startswith("models--"):  # the cache's folder name for repo org/name
+            return part.removeprefix("models--").replace("--", "/")
+    if path.exists():
+        return None
+    try:
+        validate_repo_id(base)
+    except HFValidationError:
+        return None
+    return base
+
+
 def model_card(cfg: TrainConfig, stats: dict[str, Any], sft_path, command: str) -> str:
     """README.md of the model directory: what it is, what made it, how to remake it."""
     identity = stats["identity"]
@@ -163,14 +185,17 @@ def model_card(cfg: TrainConfig, stats: dict[str, Any], sft_path, command: str) 
     keys = ("examples", "trained", "truncated", "dropped_overlong", "dropped_prompt_too_long",
             "tokens")  # fmt: skip
     data_rows = "\n".join(f"| {key} | {stats[key]} |" for key in keys)
+    hub = hub_id(stats["base_model"])
+    base = hub or stats["base_model"]
+    base_line = f"base_model: {json.dumps(hub)}\n" if hub else ""  # hubs reject local paths
     return (
         "---\n"
-        f"base_model: {json.dumps(stats['base_model'])}\n"
+        f"{base_line}"
         "library_name: transformers\n"
         f"tags: {json.dumps(tags)}\n"
         "---\n\n"
         f"# {identity['name']}\n\n"
-        f"{identity['name']} is an assistant fine-tuned from `{stats['base_model']}` with SELF-ALIGN "
+        f"{identity['name']} is an assistant fine-tuned from `{base}` with SELF-ALIGN "
         "(Sun et al., 2023, arXiv 2305.03047) by selfalign "
         f"{__version__}: supervised fine-tuning ({cfg.method}) on "
         f"{stats['data_description']}, trained without the principles in the prompt.\n\n"
@@ -186,7 +211,7 @@ def model_card(cfg: TrainConfig, stats: dict[str, Any], sft_path, command: str) 
         f"{stats['steps']} optimizer steps, effective batch {stats['effective_batch_size']} "
         f"(micro batch {stats['micro_batch_size']} x accumulation {stats['gradient_accumulation']} "
         f"x {layout_of(stats['world_size'], stats.get('distributed') or 'ddp')}), warm-up {stats['warmup_steps']} steps, precision "
-        f"{stats['precision']}, final training loss {stats['train_loss']}.\n\n"
+        f"{stats['precision']}, final training loss {stats['train_loss']}.{_eval_line(stats)}\n\n"
         f"```yaml\n{dump_config(cfg).strip()}\n```\n\n"
         "## Use\n\n"
         "The chat template is in the tokenizer; a conversation without a system message gets the "
@@ -196,6 +221,13 @@ def model_card(cfg: TrainConfig, stats: dict[str, Any], sft_path, command: str) 
         "## Reproduce\n\n"
         f"```\n{command}\n```\n"
     )
+
+
+def _eval_line(stats: dict[str, Any]) -> str:
+    """The held-out loss, for a run with an eval split (`eval_fraction`)."""
+    if stats.get("eval_loss") is None:
+        return ""
+    return f" Eval loss {stats['eval_loss']} on {stats['eval_examples']} held-out examples."
 
 
 _USAGE = (

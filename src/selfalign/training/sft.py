@@ -6,16 +6,19 @@ Writes the model files into `out_dir` (the metadata files are `selfalign.trainin
     adapter/                         the LoRA adapter alone (+ tokenizer); the full model for `full`
     config.json, model.safetensors   the merged model (LoRA folded into the base)
     tokenizer files, chat_template.jinja, generation_config.json (EOS and padding set)
-    training_log.jsonl               step, loss, learning_rate, tokens_per_second, epoch
+    training_log.jsonl               step, loss, learning_rate, tokens_per_second, epoch per log;
+                                     step, eval_loss per evaluation (with eval_fraction > 0)
+    logs/                            TensorBoard event files (report_to: tensorboard)
     checkpoints/                     while training (see `selfalign.training.checkpoints`)
 
 `train` runs the steps top to bottom, each a function below it:
-  1. data      each row -> a conversation with a seeded system prompt; the cut-off applied, counted
+  1. data      each row -> a conversation with a seeded system prompt; the cut-off applied, counted;
+               a seeded share held out for the eval loss (eval_fraction)
   2. schedule  gradient accumulation, steps and warm-up from the effective batch size
   3. model     the base (4-bit for qlora), seeded before the LoRA weights are drawn
   4. train     TRL's SFTTrainer, loss on the assistant tokens only (EOS included, so the model
-               learns to stop); resumes from the last complete checkpoint of the same
-               fingerprint; stats (steps, loss, log) are the whole run's, resumed or not
+               learns to stop), logging to report_to's trackers too; resumes from the last
+               complete checkpoint of the same fingerprint; stats (steps, loss, log) are the whole run's, resumed or not
   5. save      adapter or full model, tokenizer and template, merge, generation config
 
 Paper defaults: LoRA r=16, alpha=16 on q,k,v,o; learning rate 4e-4; effective batch 768; one
@@ -27,18 +30,22 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import importlib.util
 import json
 import logging
 import math
+import netrc
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfalign.errors import UserError
+from selfalign.generation.base import row_seed
 from selfalign.jsonl import JsonlAppender, read_jsonl, write_jsonl_atomic
 from selfalign.text.constitution import Identity
 from selfalign.text.conversation import (
@@ -56,6 +63,9 @@ TRAINING_LOG = "training_log.jsonl"
 # How the run is spread over processes, not what it trains: a finished model stays finished when
 # they change (the effective batch is the same), though checkpoints resume only under the same.
 LAUNCH_KEYS = ("processes", "distributed", "accelerate_config")
+# How the run is watched, not what it trains: left out of every hash, as LAUNCH_KEYS are.
+WATCH_KEYS = ("report_to", "eval_steps")
+Reporter = Literal["none", "tensorboard", "wandb"]
 
 
 class TrainConfig(BaseModel):
@@ -136,6 +146,24 @@ class TrainConfig(BaseModel):
         False, description="Batch examples of similar length (less padding)."
     )
     logging_steps: int = Field(10, ge=1, description="Log loss every N optimizer steps.")
+    eval_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Hold out this share of the rows (chosen by seed and id) and log their loss "
+        "as eval_loss; 0: no held-out split.",
+    )
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Eval loss every N optimizer steps, and at the last (None: about ten times a "
+        "run, never more often than logging_steps).",
+    )
+    report_to: Reporter | list[Reporter] = Field(
+        "none",
+        description="Also send the training logs to tensorboard (OUT/logs) or wandb (offline "
+        "without an API key), or a list of both; none: training_log.jsonl only.",
+    )
     save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk while training.")
     resume: bool = Field(
@@ -172,15 +200,12 @@ def check_config(cfg: TrainConfig) -> str:
             "no base model given: pass --model PATH_OR_HUB_ID (or model: in the config)"
         )
     check_variants(cfg.system_prompts)
+    check_packages(cfg)
     if cfg.method == "qlora":
         import torch
 
         if cfg.device == "cpu" or not torch.cuda.is_available():
             raise UserError("method qlora needs a CUDA GPU (none here); use method lora or full")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
     local = Path(cfg.model).expanduser()
     # absolute, so the adapter's base path still resolves from any working directory
     name = str(local.resolve()) if local.exists() else cfg.model
@@ -189,22 +214,53 @@ def check_config(cfg: TrainConfig) -> str:
     return name
 
 
+def check_packages(cfg: TrainConfig, key: str = "") -> None:
+    """The optional packages the recipe needs are installed (found without importing them);
+    `selfalign run` calls this for every selected training stage before any work."""
+    for name in reporters(cfg):  # each is also the name of the package it needs
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"{key}report_to: {name} is not installed: pip install {name}")
+    if cfg.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"{key}method: qlora needs bitsandbytes: pip install 'selfalign[gpu]' (or bitsandbytes)"
+        )
+
+
+def reporters(cfg: TrainConfig) -> list[str]:
+    """The trackers `report_to` names (none left out)."""
+    names = [cfg.report_to] if isinstance(cfg.report_to, str) else cfg.report_to
+    return [n for n in dict.fromkeys(names) if n != "none"]
+
+
+def hashed_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings of `cfg` that the run's hashes cover: all but LAUNCH_KEYS and WATCH_KEYS, and
+    eval_fraction only when set (so the hashes of runs made before it existed still hold)."""
+    exclude = {*LAUNCH_KEYS, *WATCH_KEYS}
+    if not cfg.eval_fraction:
+        exclude.add("eval_fraction")
+    return cfg.model_dump(exclude=exclude)
+
+
 def fingerprint(cfg: TrainConfig, identity: Identity, sft_path: str | Path) -> str:
-    """What a finished or checkpointed run was made from: config, identity, data bytes."""
+    """What a finished or checkpointed run was made from: config, identity, data bytes (every
+    file of a saved `datasets` directory)."""
     digest = hashlib.sha256()
-    settings = cfg.model_dump(exclude={"resume", "keep_checkpoints", "logging_steps",
-                                       "save_total_limit", *LAUNCH_KEYS})  # fmt: skip
+    bookkeeping = ("resume", "keep_checkpoints", "logging_steps", "save_total_limit")
+    settings = {k: v for k, v in hashed_settings(cfg).items() if k not in bookkeeping}
     # 16 and 16.0 are one setting (a default int, a float read back from a file or job)
     settings = {k: int(v) if isinstance(v, float) and v.is_integer() else v
                 for k, v in settings.items()}  # fmt: skip
     systems = [system_prompt(identity, v) for v in cfg.system_prompts]  # prompt files' contents
     digest.update(json.dumps([settings, identity.model_dump(), systems], sort_keys=True).encode())
+    path = Path(sft_path)
     try:
-        digest.update(Path(sft_path).read_bytes())
+        if path.is_dir():  # a saved `datasets` dataset: its files, by name
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                digest.update(f"{file.relative_to(path)}\0".encode() + file.read_bytes())
+        else:
+            digest.update(path.read_bytes())
     except FileNotFoundError:
         raise UserError(f"{sft_path}: file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{sft_path}: is a directory, expected a JSONL file") from None
     return digest.hexdigest()[:16]
 
 
@@ -239,7 +295,7 @@ def train(
     # 1. Data, rendered with the chat template the saved tokenizer will carry.
     tokenizer = load_tokenizer(model_name, cfg.trust_remote_code)
     install_chat_template(tokenizer, identity, system_prompt(identity, cfg.system_prompts[0]))
-    conversations, counts = prepare_data(cfg, rows, tokenizer, identity, source)
+    conversations, held_out, counts = prepare_data(cfg, rows, tokenizer, identity, source)
 
     # 2. Schedule.
     plan = schedule(cfg, len(conversations))
@@ -250,8 +306,8 @@ def train(
     model = _load_for_training(cfg, model_name, device, precision)
 
     # 4. Train, from the last complete checkpoint of the same run if there is one.
-    trainer = _trainer(cfg, model, tokenizer, conversations, out_dir, plan, device, precision,
-                       callbacks)  # fmt: skip
+    trainer = _trainer(cfg, model, tokenizer, (conversations, held_out), out_dir, plan, device,
+                       precision, callbacks)  # fmt: skip
     progress = _train_steps(trainer, cfg, out_dir, run_fingerprint)
     stats = {
         "base_model": model_name,
@@ -266,6 +322,7 @@ def train(
         "effective_batch_size": cfg.micro_batch_size * plan.world * plan.accumulation,
         "precision": precision,
         "train_loss": run_loss(progress.log_history),
+        **eval_stats(progress.log_history, counts),
         "resumed_from_step": ckpt.step_of(progress.resumed_from),
     }
 
@@ -286,23 +343,52 @@ def train(
 # -- 1. data -------------------------------------------------------------------------------------
 
 
+Conversations = list[list[dict[str, str]]]
+
+
 def prepare_data(
     cfg: TrainConfig, rows: list[dict[str, Any]], tokenizer, identity: Identity, source
-) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
-    """The conversations to train on (a system prompt sampled per row, seeded by its id) and the
-    cut-off counts; a UserError when the cut-off leaves nothing to learn."""
+) -> tuple[Conversations, Conversations, dict[str, int]]:
+    """The conversations to train on, those held out for the eval loss (`eval_fraction`; a system
+    prompt sampled per row, seeded by its id), and the cut-off counts of the training rows (plus
+    `eval_examples`); a UserError when the cut-off leaves nothing to learn or evaluate."""
     budget = prompt_budget(tokenizer, identity, cfg.system_prompts)
     if budget >= cfg.max_length:
         raise UserError(
             f"max_length {cfg.max_length} is shorter than the system prompt and turn headers "
             f"({budget} tokens); raise max_length"
         )
+    rows, held_rows = split_eval(rows, cfg.eval_fraction, cfg.seed, source)
     conversations = [sft_messages(r, identity, cfg.system_prompts, cfg.seed) for r in rows]
     conversations, counts = fit_examples(conversations, tokenizer, cfg.max_length, cfg.overlong)
     _report_cutoff(counts, cfg, source)
     if not conversations:
         raise UserError(f"{source}: no example fits max_length {cfg.max_length}; raise it")
-    return conversations, counts
+    held_out = [sft_messages(r, identity, cfg.system_prompts, cfg.seed) for r in held_rows]
+    held_out, _ = fit_examples(held_out, tokenizer, cfg.max_length, cfg.overlong)
+    if held_rows:
+        if not held_out:
+            raise UserError(f"{source}: no held-out example fits max_length {cfg.max_length}")
+        counts["eval_examples"] = len(held_out)
+    return conversations, held_out, counts
+
+
+def split_eval(
+    rows: list[dict[str, Any]], fraction: float, seed: int, source
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows to train on, rows held out): the held-out share is `fraction` of the rows (at least
+    one), those whose seeded hash of the id ranks lowest. So it depends on seed and ids, never on
+    the order of the rows, and a larger fraction holds out the same rows and more."""
+    if not fraction:
+        return rows, []
+    n = max(1, round(len(rows) * fraction))
+    if n >= len(rows):
+        raise UserError(
+            f"{source}: eval_fraction {fraction} of {len(rows)} rows leaves none to train on; "
+            "lower it (or set 0)"
+        )
+    held = {r["id"] for r in sorted(rows, key=lambda r: row_seed(seed, f"eval:{r['id']}"))[:n]}
+    return [r for r in rows if r["id"] not in held], [r for r in rows if r["id"] in held]
 
 
 def prompt_budget(tokenizer, identity: Identity, variants: list[str]) -> int:
@@ -462,10 +548,10 @@ def _lora_config(cfg: TrainConfig):
 # -- 4. train ------------------------------------------------------------------------------------
 
 
-def _trainer(cfg, model, tokenizer, conversations, out_dir: Path, plan: Schedule, device,
-             precision, callbacks):  # fmt: skip
-    """TRL's SFTTrainer on conversational data: the chat template's {% generation %} spans mark
-    the assistant tokens the loss covers."""
+def _trainer(cfg, model, tokenizer, data: tuple[Conversations, Conversations], out_dir: Path,
+             plan: Schedule, device, precision, callbacks):  # fmt: skip
+    """TRL's SFTTrainer on conversational data (`data`: to train on, held out): the chat
+    template's {% generation %} spans mark the assistant tokens the loss covers."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
@@ -476,13 +562,18 @@ def _trainer(cfg, model, tokenizer, conversations, out_dir: Path, plan: Schedule
         import datasets
 
         datasets.disable_progress_bars()
+    conversations, held_out = data
+    report_to, trackers = _trackers(cfg, out_dir)
+    args = _sft_args(cfg, out_dir / "checkpoints", plan, (device, precision), report_to,
+                     evaluate=bool(held_out))  # fmt: skip
     trainer = SFTTrainer(
         model=model,
-        args=_sft_args(cfg, out_dir / "checkpoints", plan, device, precision),
+        args=args,
         train_dataset=Dataset.from_list([{"messages": m} for m in conversations]),
+        eval_dataset=Dataset.from_list([{"messages": m} for m in held_out]) if held_out else None,
         processing_class=tokenizer,
         peft_config=_lora_config(cfg) if cfg.method in ("lora", "qlora") else None,
-        callbacks=[_jsonl_log(out_dir / TRAINING_LOG), *(callbacks or [])],
+        callbacks=[_jsonl_log(out_dir / TRAINING_LOG), *trackers, *(callbacks or [])],
     )
     if not enabled():  # quiet mode: the JSONL log has every step; no dicts on stdout
         trainer.remove_callback(PrinterCallback)
@@ -503,11 +594,15 @@ def _check_distributed(trainer, cfg: TrainConfig) -> None:
         )
 
 
-def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, device: str, precision: str):
+def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, placement: tuple[str, str],
+              report_to: list[str], evaluate: bool):  # fmt: skip
     from trl import SFTConfig
 
     from selfalign.progress import enabled
 
+    device, precision = placement
+    # the first step and, in short runs, the last one are always in the training log
+    logging_steps = max(1, min(cfg.logging_steps, plan.steps))
     # transformers 5.2x renamed gradient_checkpointing (vLLM's CPU build pins transformers <5.20)
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     checkpointing = (
@@ -535,25 +630,67 @@ def _sft_args(cfg: TrainConfig, checkpoints: Path, plan: Schedule, device: str, 
         use_cpu=device == "cpu",
         **{checkpointing: cfg.gradient_checkpointing},
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        # the first step and, in short runs, the last one are always in the training log
         logging_first_step=True,
-        logging_steps=max(1, min(cfg.logging_steps, plan.steps)),
+        logging_steps=logging_steps,
+        **(_eval_args(cfg, plan, logging_steps) if evaluate else {}),
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=report_to or "none",
         disable_tqdm=not enabled(),
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every trained parameter gets a gradient every step
     )
 
 
+def _eval_args(cfg: TrainConfig, plan: Schedule, logging_steps: int) -> dict[str, Any]:
+    """The held-out loss every `eval_steps` (and at the last step: the Trainer does that), by default
+    about ten times a run and never more often than the loss is logged."""
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": cfg.eval_steps or max(logging_steps, math.ceil(plan.steps / 10)),
+        "per_device_eval_batch_size": cfg.micro_batch_size,
+        "prediction_loss_only": True,  # the loss alone: no logits of the split kept in memory
+    }
+
+
+def _trackers(cfg: TrainConfig, out_dir: Path) -> tuple[list[str], list]:
+    """`report_to` for the Trainer, and the tracker callbacks made here: TensorBoard's, to write
+    into OUT/logs (the Trainer's own writes under checkpoints/, removed after the run)."""
+    names = reporters(cfg)
+    trackers = []
+    if "tensorboard" in names:
+        from transformers.integrations import TensorBoardCallback
+
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(out_dir / "logs")
+        trackers.append(tensorboard)
+    if "wandb" in names and wandb_offline(os.environ):
+        os.environ["WANDB_MODE"] = "offline"
+        log.warning(
+            "wandb: no API key here (WANDB_API_KEY or `wandb login`), so the run is logged "
+            "offline into ./wandb; upload it later with `wandb sync`"
+        )
+    return [n for n in names if n != "tensorboard"], trackers
+
+
+def wandb_offline(environ: Mapping[str, str]) -> bool:
+    """True when nothing says how wandb should log (WANDB_MODE) and it has no API key to log
+    online with (WANDB_API_KEY, or the netrc entry `wandb login` writes); the key is not read."""
+    if environ.get("WANDB_MODE") or environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        return netrc.netrc(environ.get("NETRC")).authenticators("api.wandb.ai") is None
+    except (OSError, netrc.NetrcParseError):
+        return True
+
+
 def _jsonl_log(path: Path):
-    """A callback appending {step, loss, learning_rate, tokens_per_second} per log (resume-safe:
-    a step already in the file is not written twice).
+    """A callback appending {step, loss, learning_rate, tokens_per_second, epoch} per log and
+    {step, eval_loss} per evaluation (resume-safe: a row already in the file is not written twice).
 
     It also has the Trainer log every step it checkpoints, and the last: then the log history in
     a checkpoint covers every step before it, and `run_loss` of a resumed run is the whole run's.
@@ -572,7 +709,13 @@ def _jsonl_log(path: Path):
                 control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not state.is_world_process_zero or not logs:
+                return
+            if "eval_loss" in logs:
+                _append_log(
+                    path, {"step": state.global_step, "eval_loss": float(logs["eval_loss"])}
+                )
+            if "loss" not in logs:
                 return
             now, tokens = time.perf_counter(), state.num_input_tokens_seen
             rate = (tokens - self.tokens) / max(now - self.clock, 1e-9)
@@ -584,10 +727,18 @@ def _jsonl_log(path: Path):
                 "tokens_per_second": round(rate, 1),
                 "epoch": round(float(state.epoch or 0), 4),
             }
-            with JsonlAppender(path, id_field="step") as out:
-                out.write_batch([record])
+            _append_log(path, record)
 
     return JsonlLog()
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    """Append a training or an eval row unless one of its kind has its step already (both kinds
+    share steps: an evaluation follows the log of the step it ends)."""
+    kind = "eval_loss" if "eval_loss" in record else "loss"
+    with JsonlAppender(path, id_field="step") as out:
+        out.ids = {r.get("step") for r in out.records if kind in r}
+        out.write_batch([record])
 
 
 class Progress(NamedTuple):
@@ -631,6 +782,14 @@ def _trim_log(path: Path, step: int) -> None:
     kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= step]
     if len(kept) < len(rows):
         write_jsonl_atomic(path, kept)
+
+
+def eval_stats(log_history: list[dict[str, Any]], counts: dict[str, int]) -> dict[str, Any]:
+    """{eval_loss: the last one logged} with a held-out split (its size is in `counts`)."""
+    if "eval_examples" not in counts:
+        return {}
+    losses = [e["eval_loss"] for e in log_history if "eval_loss" in e]
+    return {"eval_loss": round(float(losses[-1]), 6) if losses else None}
 
 
 def run_loss(log_history: list[dict[str, Any]]) -> float:
