@@ -304,7 +304,7 @@ def test_a_short_stage_warns_in_the_log_summary_and_manifest(
     assert next(e for e in events if e["event"] == "stage_done")["warnings"] == [warning]
 
 
-def test_optional_packages_of_the_selected_stages_are_checked_before_any_work(
+def test_devices_and_packages_of_the_selected_stages_are_checked_before_any_work(
     tmp_path, pipeline_model_dir, monkeypatch
 ):
     """A tracker, bitsandbytes or lm-evaluation-harness that is missing fails `selfalign run`
@@ -312,7 +312,7 @@ def test_optional_packages_of_the_selected_stages_are_checked_before_any_work(
     import importlib.util
 
     from selfalign.run.pipeline import Events, Pipeline
-    from selfalign.run.settings import check_packages
+    from selfalign.run.settings import check_needs
 
     real = importlib.util.find_spec
     missing = {"wandb", "bitsandbytes", "lm_eval"}
@@ -328,9 +328,18 @@ def test_optional_packages_of_the_selected_stages_are_checked_before_any_work(
     cfg.verbose.train.report_to = "none"
     cfg.engrave.method = "qlora"
     with pytest.raises(UserError, match=r"^engrave.method: qlora needs .*selfalign\[gpu\]"):
-        check_packages(cfg, ["self_align", "engrave"])
-    check_packages(cfg, ["instructions", "self_align"])  # not selected: not needed
+        check_needs(cfg, ["self_align", "engrave"])
+    check_needs(cfg, ["instructions", "self_align"])  # not selected: not needed
     with pytest.raises(UserError, match=r"selfalign\[eval\]"):
-        check_packages(cfg, ["evaluate"])
+        check_needs(cfg, ["evaluate"])
     cfg.evaluate.tasks = []
-    check_packages(cfg, ["evaluate"])
+    check_needs(cfg, ["evaluate"])
+    # a GPU the config asks for and this machine lacks: said now, naming the key
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg.engrave.device, cfg.engrave.method = "cuda", "lora"
+    with pytest.raises(UserError, match=r"^engrave.device: cuda: CUDA is not available"):
+        check_needs(cfg, ["engrave"])
+    cfg.engrave.device, cfg.model.device = "auto", "cuda"
+    with pytest.raises(UserError, match=r"^model.device: cuda: CUDA is not available"):
+        check_needs(cfg, ["instructions"])
+    check_needs(cfg, ["engrave"])  # trains on its own device setting

@@ -51,7 +51,7 @@ from selfalign.run.settings import (
     changed_keys,
     changed_message,
     check_force,
-    check_packages,
+    check_needs,
     stage_configs,
     stage_hashes,
 )
@@ -210,7 +210,7 @@ class Pipeline:
         with DirLock(self.run, reserve=True) as self._lock:
             manifest = Manifest.load(self.run, names())
             todo = self.plan(manifest, stages or names(), force)
-            check_packages(self.cfg, [item.stage.name for item in todo])
+            check_needs(self.cfg, [item.stage.name for item in todo])
             # only a run that is going ahead records its settings (a refused one leaves them)
             write_text_atomic(self.run / "config.yaml", dump_config(self.cfg))
             manifest.data.update(

@@ -122,11 +122,21 @@ def preflight(cfg: PipelineConfig, source: str) -> None:
     _check_writable(Path(cfg.run_dir))
 
 
-def check_packages(cfg: PipelineConfig, stages: Iterable[str]) -> None:
-    """The optional packages the stages about to run need (trackers, bitsandbytes,
-    lm-evaluation-harness), checked before the first of them starts rather than hours later."""
-    from selfalign.training.sft import check_packages as check_training
+def check_needs(cfg: PipelineConfig, stages: Iterable[str]) -> None:
+    """What the stages about to run need beyond the config: the GPU they are told to use, and
+    optional packages (trackers, bitsandbytes, lm-evaluation-harness). Checked before the first
+    of them starts rather than hours later, and only for the stages selected."""
+    from selfalign.training.sft import check_needs as check_training
 
+    stages = list(stages)
+    generating = {"instructions", "self_align", "verbose", "evaluate"}
+    if cfg.model.backend == "transformers" and generating.intersection(stages):
+        from selfalign.modeling import resolve_device
+
+        try:
+            resolve_device(cfg.model.device)
+        except UserError as e:
+            raise UserError(f"model.device: {e}".replace("--device ", "")) from None
     for name in stages:
         if name == "engrave":
             check_training(cfg.engrave, "engrave.")

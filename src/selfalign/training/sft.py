@@ -200,7 +200,7 @@ def check_config(cfg: TrainConfig) -> str:
             "no base model given: pass --model PATH_OR_HUB_ID (or model: in the config)"
         )
     check_variants(cfg.system_prompts)
-    check_packages(cfg)
+    check_needs(cfg)
     if cfg.method == "qlora":
         import torch
 
@@ -214,9 +214,16 @@ def check_config(cfg: TrainConfig) -> str:
     return name
 
 
-def check_packages(cfg: TrainConfig, key: str = "") -> None:
-    """The optional packages the recipe needs are installed (found without importing them);
-    `selfalign run` calls this for every selected training stage before any work."""
+def check_needs(cfg: TrainConfig, key: str = "") -> None:
+    """The device and the optional packages the recipe needs are there (packages found without
+    importing them); `selfalign run` calls this for every selected training stage before any
+    work. `key`: the section's prefix in messages ("engrave.")."""
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"{key}device: cuda: CUDA is not available on this machine (use cpu or auto)"
+        )
     for name in reporters(cfg):  # each is also the name of the package it needs
         if importlib.util.find_spec(name) is None:
             raise UserError(f"{key}report_to: {name} is not installed: pip install {name}")
