@@ -318,9 +318,10 @@ def test_every_stage_builds_the_user_turn_the_same_way(default):
     assert render_prompt(default, row["instruction"], row["input"]).endswith(
         f"User: {text}\n\nOrion (internal thoughts):"
     )  # stage 2's prompt
-    assert sft_messages(row, IDENTITY, ["standard"], 0)[1]["content"] == text  # stages 3 and 4
-    assert to_messages(row)["messages"][0]["content"] == text  # export
-    assert to_sharegpt(row)["conversations"][0]["value"] == text
+    messages = sft_messages(row, IDENTITY, ["standard"], 0)
+    assert messages[1]["content"] == text  # stages 3 and 4
+    assert to_messages(row, messages)["messages"][1]["content"] == text  # export, after system
+    assert to_sharegpt(row, messages)["conversations"][1]["value"] == text
 
 
 def test_one_unique_id_check_for_every_reader(tmp_path):

@@ -138,20 +138,31 @@ def test_left_truncation_of_the_constitution_prompt_is_refused(tmp_path, pipelin
 # -- what is checked: the longest prompt, plus max_tokens -----------------------------------------
 
 
-def test_self_instruct_checks_its_longest_prompt(tokenizer):
+def test_self_instruct_refuses_when_no_draw_fits_and_warns_when_the_longest_does_not(
+    tokenizer, caplog
+):
+    """Prompts show seed tasks drawn at random: the shortest draw must fit (else no round can),
+    the longest draw not fitting is a warning (the original files have a few long seed tasks
+    that rarely meet)."""
     cfg = SelfInstructConfig(sampling={"max_tokens": 100})
     message = fits_exactly(lambda limits: check_stage1_fit(cfg, limits), tokenizer, 100)
-    assert (
-        "num_prompt_instructions, now 5" in message
-        and "self_instruct.sampling.max_tokens" in message
-    )
-    # no prompt any round builds is longer than the one checked
+    assert "shortest prompt" in message and "num_prompt_instructions, now 5" in message
+    assert "self_instruct.sampling.max_tokens" in message
     with pytest.raises(UserError) as error:
         check_stage1_fit(cfg, Limits(tokenizer, 16))
-    _, checked, _ = needed(error)
+    shortest, _, _ = needed(error)
+    caplog.clear()
+    check_stage1_fit(cfg, Limits(tokenizer, shortest))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    longest = int(NEEDS.search(warning)[1])
+    assert "longest prompt" in warning and "stops the stage" in warning and longest > shortest
+    caplog.clear()
+    check_stage1_fit(cfg, Limits(tokenizer, longest))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # no prompt any round builds is longer than the longest one checked
     seeds, meta = self_instruct_inputs(cfg)
     built = [r["prompt"] for r in range(3) for r in _self_instruct_round(cfg, seeds, meta, r)]
-    assert max(count_tokens(tokenizer, p) for p in built) <= checked
+    assert max(count_tokens(tokenizer, p) for p in built) + 100 <= longest
 
 
 @pytest.mark.parametrize(
@@ -327,8 +338,12 @@ def test_devices_and_packages_of_the_selected_stages_are_checked_before_any_work
     assert not (tmp_path / "run/1_instructions").exists()
     cfg.verbose.train.report_to = "none"
     cfg.engrave.method = "qlora"
-    with pytest.raises(UserError, match=r"^engrave.method: qlora needs .*selfalign\[gpu\]"):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(UserError, match=r"^engrave.method qlora needs .*selfalign\[gpu\]"):
         check_needs(cfg, ["self_align", "engrave"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^engrave.method qlora needs a CUDA GPU"):
+        check_needs(cfg, ["engrave"])
     check_needs(cfg, ["instructions", "self_align"])  # not selected: not needed
     with pytest.raises(UserError, match=r"selfalign\[eval\]"):
         check_needs(cfg, ["evaluate"])

@@ -21,6 +21,7 @@ nothing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ from selfalign.stages.stage1_instructions import (
 from selfalign.stages.stage2_self_align import INSTRUCTION_ROOM, SelfAlignConfig
 from selfalign.stages.stage4_verbose import VerboseConfig, add_prompts
 from selfalign.text.constitution import Constitution, Identity, render_prefix, render_prompt
+
+log = logging.getLogger(__name__)
 
 LONGER_CONTEXT = "a model with a longer context"
 
@@ -118,8 +121,9 @@ def check_stage1_fit(
         return
     key = ".".join(filter(None, [section, STEP_KEYS[type(step)]]))
     if isinstance(step, SelfInstructConfig):
-        prompt, what, fixes = _longest_self_instruct(step, key)
-    elif isinstance(step, TopicsConfig):
+        _check_self_instruct(step, limits, key)
+        return
+    if isinstance(step, TopicsConfig):
         prompt, what, fixes = _longest_topic_prompt(step, key)
     else:
         prompt, what, fixes = _longest_question_prompt(step, key, topics)
@@ -133,15 +137,30 @@ def _longest(items: Sequence[Any], n: int, text) -> list[Any]:
     return sorted(items, key=lambda item: len(text(item)), reverse=True)[:n]
 
 
-def _longest_self_instruct(cfg: SelfInstructConfig, key: str) -> tuple[str, str, list[str]]:
-    # any round may draw the longest seed tasks together
+def _task_text(task: dict[str, str]) -> str:
+    return task["instruction"] + (task.get("input") or "")
+
+
+def _check_self_instruct(cfg: SelfInstructConfig, limits: Limits, key: str) -> None:
+    """Each prompt shows `num_prompt_instructions` seed tasks drawn at random: refused when even
+    the shortest draw cannot fit; when only the longest draws cannot (they are rare with a few
+    long seed tasks among many, as in the original files), a warning, since a round that draws
+    them stops the stage."""
     seeds, meta = self_instruct_inputs(cfg)
     n = cfg.num_prompt_instructions
-    examples = _longest(seeds, n, lambda t: t["instruction"] + (t.get("input") or ""))
-    what = f"its longest prompt (the meta prompt and the {n} longest seed tasks)"
-    fixes = [f"fewer seed tasks per prompt ({key}.num_prompt_instructions, now {n})",
-             "shorter seed tasks"]  # fmt: skip
-    return build_self_instruct_prompt(meta, examples), what, fixes
+    fixes = [LONGER_CONTEXT, f"fewer seed tasks per prompt ({key}.num_prompt_instructions, now "
+             f"{n})", "shorter seed tasks", f"a smaller {key}.sampling.max_tokens"]  # fmt: skip
+    where = f"stage 'instructions' ({key})"
+    longest = build_self_instruct_prompt(meta, _longest(seeds, n, _task_text))
+    shortest = build_self_instruct_prompt(meta, sorted(seeds, key=lambda t: len(_task_text(t)))[:n])
+    what = f"its shortest prompt (the meta prompt and the {n} shortest seed tasks)"
+    require_fit(limits, where, what, count_tokens(limits.tokenizer, shortest), cfg.sampling, fixes)
+    try:
+        what = f"its longest prompt (the meta prompt and the {n} longest seed tasks)"
+        tokens = count_tokens(limits.tokenizer, longest)
+        require_fit(limits, where, what, tokens, cfg.sampling, fixes)
+    except UserError as e:
+        log.warning("%s; a round that draws them stops the stage", e)
 
 
 def _longest_topic_prompt(cfg: TopicsConfig, key: str) -> tuple[str, str, list[str]]:

@@ -201,11 +201,6 @@ def check_config(cfg: TrainConfig) -> str:
         )
     check_variants(cfg.system_prompts)
     check_needs(cfg)
-    if cfg.method == "qlora":
-        import torch
-
-        if cfg.device == "cpu" or not torch.cuda.is_available():
-            raise UserError("method qlora needs a CUDA GPU (none here); use method lora or full")
     local = Path(cfg.model).expanduser()
     # absolute, so the adapter's base path still resolves from any working directory
     name = str(local.resolve()) if local.exists() else cfg.model
@@ -220,16 +215,19 @@ def check_needs(cfg: TrainConfig, key: str = "") -> None:
     work. `key`: the section's prefix in messages ("engrave.")."""
     import torch
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
         raise UserError(
             f"{key}device: cuda: CUDA is not available on this machine (use cpu or auto)"
         )
+    if cfg.method == "qlora" and (cfg.device == "cpu" or not cuda):
+        raise UserError(f"{key}method qlora needs a CUDA GPU (none here); use method lora or full")
     for name in reporters(cfg):  # each is also the name of the package it needs
         if importlib.util.find_spec(name) is None:
             raise UserError(f"{key}report_to: {name} is not installed: pip install {name}")
     if cfg.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
-            f"{key}method: qlora needs bitsandbytes: pip install 'selfalign[gpu]' (or bitsandbytes)"
+            f"{key}method qlora needs bitsandbytes: pip install 'selfalign[gpu]' (or bitsandbytes)"
         )
 
 
