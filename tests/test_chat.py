@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 from contextlib import contextmanager
@@ -382,14 +383,17 @@ def check_chat_transcript(model_dir, out: str, max_new_tokens: int) -> None:
 UP = "\x1b[A"
 
 
-def spawn_chat(model_dir, cache, *flags):
+def spawn_chat(model_dir, cache, *flags, sigint_ignored=False):
     """`selfalign chat` at a pseudo-terminal, its history under `cache`, waiting at the prompt;
-    and the banner it showed."""
+    and the banner it showed. `sigint_ignored`: started as a background job of a non-interactive
+    shell starts it (SIGINT ignored, handed on to the program)."""
     pexpect = pytest.importorskip("pexpect")
     env = dict(os.environ, XDG_CACHE_HOME=str(cache), TERM="dumb", INPUTRC="/dev/null")
     args = ["-m", "selfalign", "chat", str(model_dir), "--device", "cpu", "--dtype", "float32",
             "--temperature", "0", *flags]  # fmt: skip
-    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120)
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120,
+                          preexec_fn=ignore if sigint_ignored else None)  # fmt: skip
     child.expect_exact(HELP)
     banner = child.before.replace("\r\n", "\n")
     child.expect_exact("\r\n> ")
@@ -442,14 +446,17 @@ def test_chat_at_a_terminal(chat_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("leave", ["\x03\x03", "\x04"], ids=["ctrl-c-twice", "ctrl-d"])
+@pytest.mark.parametrize(
+    "leave", ["\x03\x03", "ignored\x03\x03", "\x04"],
+    ids=["ctrl-c-twice", "ctrl-c-twice-inherited-sigint-ignored", "ctrl-d"],
+)  # fmt: skip
 def test_chat_history_is_kept_and_ctrl_c_twice_or_ctrl_d_leaves(chat_model_dir, tmp_path, leave):
     (tmp_path / "selfalign").mkdir()
     (tmp_path / "selfalign" / "chat_history").write_text("/from-last-time\n")
-    child, _ = spawn_chat(chat_model_dir, tmp_path)
+    child, _ = spawn_chat(chat_model_dir, tmp_path, sigint_ignored=leave.startswith("ignored"))
     assert "unknown command /from-last-time" in ask(child, UP)
     ask(child, "/new-this-time")
-    if leave == "\x03\x03":
+    if leave.endswith("\x03\x03"):
         child.sendintr()
         child.expect_exact(EXIT_HINT)
         child.expect_exact("\r\n> ")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -319,6 +320,21 @@ def line_editing(path: Path | None = None) -> Iterator[None]:
             readline.write_history_file(path)
 
 
+@contextmanager
+def ctrl_c() -> Iterator[None]:
+    """Ctrl-C reaches the chat as KeyboardInterrupt even when selfalign was started with SIGINT
+    ignored (a background job of a non-interactive shell hands that on, and Python then installs
+    no handler): at a terminal the person typing expects it to stop the answer."""
+    if not sys.stdin.isatty() or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def banner(model_path: str, model, settings: ChatSettings) -> str:
     """What the user is talking to and how it samples, before the first prompt."""
     dtype = str(model.dtype).removeprefix("torch.")
@@ -347,7 +363,7 @@ def run_chat(
 
     model, tokenizer, _ = load_model(model_path, device, dtype)
     (write or _print)(banner(model_path, model, settings))
-    with line_editing():
+    with line_editing(), ctrl_c():
         return chat_loop(model, tokenizer, settings, read, write)
 
 
