@@ -19,15 +19,15 @@ from selfalign.errors import UserError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, key: str = "--device") -> str:
+    """`device` with auto resolved; a UserError naming `key` (the flag or config key that set
+    it) when it asks for CUDA on a machine without."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {device}: CUDA is not available on this machine (use cpu or auto)"
-        )
+        raise UserError(f"{key} {device}: CUDA is not available on this machine (use cpu or auto)")
     return device
 
 

@@ -133,10 +133,7 @@ def check_needs(cfg: PipelineConfig, stages: Iterable[str]) -> None:
     if cfg.model.backend == "transformers" and generating.intersection(stages):
         from selfalign.modeling import resolve_device
 
-        try:
-            resolve_device(cfg.model.device)
-        except UserError as e:
-            raise UserError(f"model.device: {e}".replace("--device ", "")) from None
+        resolve_device(cfg.model.device, "model.device:")
     for name in stages:
         if name == "engrave":
             check_training(cfg.engrave, "engrave.")
