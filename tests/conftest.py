@@ -74,6 +74,14 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    """The demo model as `make demo` builds it (about a minute): every stage keeps records."""
+    from selfalign.demo import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo") / "model", log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory):
     """The tiny model with a head size vLLM's CPU attention supports (32), and room for the
     default constitution's stage-2 prompt (context 8192) so `selfalign run` can use it too."""

@@ -257,16 +257,6 @@ def test_a_server_does_not_outlive_a_killed_selfalign(vllm_model_dir, tmp_path):
 # -- `selfalign run` through all five stages -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def demo_model_dir(tmp_path_factory):
-    """The demo model, trained briefly: enough for every stage to keep some records."""
-    from selfalign.demo import build_demo_model
-
-    return build_demo_model(
-        tmp_path_factory.mktemp("demo") / "model", epochs=10, log=lambda _: None
-    )
-
-
 @pytest.mark.parametrize(
     "backend", [["model.backend=vllm"], ["model.backend=openai", "model.serve=auto"]]
 )

@@ -62,6 +62,7 @@ def build_tiny_model(
     context: int = 2048,
     seed: int = 0,
     initializer_range: float = 0.2,
+    intermediate_size: int | None = None,
 ) -> Path:
     """Build and save a tiny causal LM + tokenizer under `path`; return the path.
 
@@ -76,7 +77,7 @@ def build_tiny_model(
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
+        intermediate_size=intermediate_size or hidden_size * 4,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
