@@ -206,8 +206,12 @@ def _train(model, docs: list[Doc], epochs: int, seed: int, batch_size: int = 4,
     import torch
 
     plan, shared = _plan(docs, epochs, batch_size, seed)
-    # fused: one kernel for all the parameters, several times faster than the default here
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    # fused: one kernel for all the parameters, several times faster than the default here;
+    # beta2 0.95 (as in GPT-3 and LLaMA) adapts faster in a short run: at 0.999 the 900 steps
+    # left stage 1 keeping half as many instructions (bench/RESULTS.md)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / len(plan)))
     )
