@@ -46,7 +46,7 @@ THOUGHTS = [
 Doc = tuple[list[int], int, str]  # (token ids, number of prompt tokens, kind)
 # The recipe (issue 17: 3x faster than the 20 epochs of a 4x-wide MLP before; bench/demo_build.py
 # measures both side by side, with the stages' kept counts on each model)
-EPOCHS = 12  # 900 steps of 4 rows; at 10 the stage-2 kept counts start to fall
+EPOCHS = 12  # 900 steps of 4 rows; 8 or 10 kept fewer stage-2 records (bench/RESULTS.md)
 # 2x the hidden size instead of 4x: the MLP was 3/4 of the compute, and learns the formats as well
 MLP_WIDTH = 256
 PREFIX_REFRESH = 4  # steps of a kind for which its shared prefix's keys and values are reused
@@ -197,7 +197,7 @@ def _train(model, docs: list[Doc], epochs: int, seed: int, batch_size: int = 4,
            lr: float = 3e-3, log=None) -> None:  # fmt: skip
     """Next-token training on the continuations, cheap where prompts share a prefix.
 
-    Docs of one kind share their prompt's opening (the constitution and exemplars, the meta
+    Docs of one kind share their prompt's opening (the constitution, the self-instruct meta
     prompt): it runs without gradients into keys and values every row of a step attends to
     (`_SharedPrefixes`); only the rest runs with gradients, and only continuation tokens carry
     loss. That is most of the tokens skipped, not just unscored.
